@@ -1,0 +1,147 @@
+"""Model presets and component loading: the published LatentSync 1.5 / 1.6 checkpoints, or `tiny-random`.
+
+Checkpoint layout under the checkpoints root (default ./checkpoints, or $LIPSYNC_CHECKPOINTS):
+    latentsync-1.5/latentsync_unet.pt     latentsync-1.6/latentsync_unet.pt
+    whisper/tiny.pt                        (openai format, shared by both versions)
+    sd-vae-ft-mse/                         (diffusers AutoencoderKL folder)
+    insightface/models/buffalo_l/*.onnx    (face detection + 106 landmarks)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
+from whisper.model import ModelDimensions
+
+from ..audio import WhisperFeatureEncoder
+from .unet import UNet3DConditionModel
+
+VAE_SCALING = 0.18215
+VAE_SHIFT = 0.0
+
+
+def config_path(*parts: str) -> Path:
+    return Path(str(resources.files("lipsync_ray.configs").joinpath(*parts)))
+
+
+def load_unet_config(name: str) -> dict[str, Any]:
+    """The `model:` section of a U-Net yaml under configs/unet (a file name) or at a path."""
+    path = Path(name) if Path(name).is_file() else config_path("unet", name)
+    return yaml.safe_load(path.read_text())["model"]
+
+
+def checkpoints_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("LIPSYNC_CHECKPOINTS", "checkpoints"))
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    resolution: int
+    unet_config: str
+    hf_repo: str | None = None
+    vae_repo: str | None = None
+    random_weights: bool = False
+    description: str = ""
+
+    def unet_path(self, root: Path) -> Path:
+        return root / self.name / "latentsync_unet.pt"
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "latentsync-1.5": ModelPreset(
+        "latentsync-1.5", 256, "stage2.yaml", "ByteDance/LatentSync-1.5", "stabilityai/sd-vae-ft-mse",
+        description="LatentSync 1.5, 256 px faces",
+    ),
+    "latentsync-1.6": ModelPreset(
+        "latentsync-1.6", 512, "stage2_512.yaml", "ByteDance/LatentSync-1.6", "stabilityai/sd-vae-ft-mse",
+        description="LatentSync 1.6, 512 px faces",
+    ),
+    "tiny-random": ModelPreset(
+        "tiny-random", 256, "tiny-random.yaml", random_weights=True,
+        description="small random-weight model for tests and smoke runs: produces MEANINGLESS MOUTHS",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class Components:
+    """Everything the diffusion step needs, built once per worker."""
+
+    preset: ModelPreset
+    unet: UNet3DConditionModel
+    vae: AutoencoderKL
+    whisper: WhisperFeatureEncoder
+    scheduler_config: dict[str, Any]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Components":
+        self.unet.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype)
+        self.whisper.to(device=device, dtype=dtype)
+        return self
+
+
+def scheduler_config() -> dict[str, Any]:
+    return json.loads(config_path("scheduler_config.json").read_text())
+
+
+def make_scheduler(kind: str = "ddim"):
+    """DDIM exactly as upstream, or DPM-Solver++ (multistep, 2nd order) from the same betas: fewer steps."""
+    cfg = scheduler_config()
+    if kind == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if kind == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {kind!r}: ddim or dpm++")
+
+
+def _missing(what: str, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} not found at {path}: run `lipsync-ray download` (or set LIPSYNC_CHECKPOINTS)")
+
+
+def build_random_components(preset: ModelPreset, seed: int = 0) -> Components:
+    """Seeded random weights of the preset's architecture (tiny-random, or the real sizes for benchmarks)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
+        vae_name = "tiny-random.json" if preset.random_weights else "sd-vae-ft-mse.json"
+        vae = AutoencoderKL.from_config(json.loads(config_path("vae", vae_name).read_text()))
+        whisper_name = "tiny-random.json" if preset.random_weights else "tiny.json"
+        whisper = WhisperFeatureEncoder(ModelDimensions(**json.loads(config_path("whisper", whisper_name).read_text())))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return Components(preset, unet.eval(), vae.eval(), whisper.eval(), scheduler_config())
+
+
+def load_components(name: str, root: str | Path | None = None) -> Components:
+    """Load a preset's published weights from the checkpoints root (strict), or build tiny-random."""
+    preset = get_preset(name)
+    if preset.random_weights:
+        return build_random_components(preset)
+    root = checkpoints_root(root)
+    unet_file, whisper_file, vae_dir = preset.unet_path(root), root / "whisper" / "tiny.pt", root / "sd-vae-ft-mse"
+    for what, path in [("LatentSync U-Net", unet_file), ("whisper tiny", whisper_file), ("VAE", vae_dir)]:
+        if not path.exists():
+            raise _missing(what, path)
+    with torch.device("meta"):
+        unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
+    unet.load_checkpoint(unet_file)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    whisper = WhisperFeatureEncoder.from_checkpoint(whisper_file)
+    return Components(preset, unet.eval(), vae.eval(), whisper, scheduler_config())

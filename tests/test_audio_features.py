@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from lipsync_ray.audio import WhisperFeatureEncoder, feature_array, frame_features, frame_indices, upstream_num_frames
+
+from .conftest import load_fixture
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture("audio_features.pt")
+
+
+@pytest.fixture(scope="module")
+def encoder(fixture):
+    return WhisperFeatureEncoder.from_checkpoint(fixture["whisper_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def long_waveform(fixture):
+    return fixture["long"]["waveform_int16"].numpy().astype(np.float32) / 32768.0
+
+
+def test_short_clip_reproduces_upstream(fixture, encoder):
+    short = fixture["short"]
+    features = feature_array(encoder, short["waveform"].numpy(), mode="upstream")
+    torch.testing.assert_close(features, short["feature_array"], rtol=1e-4, atol=1e-4)
+    n = upstream_num_frames(features.shape[0])
+    assert n == short["whisper_chunks"].shape[0] == 89
+    assert torch.equal(frame_indices(n, features.shape[0]), short["selected_idx"].long())
+    torch.testing.assert_close(frame_features(features, range(n)), short["whisper_chunks"], rtol=1e-4, atol=1e-4)
+    # clips that fit one window are identical in both modes
+    torch.testing.assert_close(feature_array(encoder, short["waveform"].numpy(), mode="seamless"), features)
+
+
+def test_long_clip_reproduces_upstream(fixture, encoder, long_waveform):
+    long = fixture["long"]
+    features = feature_array(encoder, long_waveform, mode="upstream")
+    torch.testing.assert_close(features, long["feature_array"], rtol=1e-4, atol=1e-4)
+    n = upstream_num_frames(features.shape[0])
+    assert n == long["num_chunks"] == 814
+    torch.testing.assert_close(frame_features(features, range(740, 761)), long["whisper_chunks_740_760"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(frame_features(features, range(n - 4, n)), long["whisper_chunks_last4"], rtol=1e-4, atol=1e-4)
+
+
+def _steps(features):
+    return (features[1:] - features[:-1]).flatten(1).norm(dim=1)
+
+
+def test_seamless_features_are_continuous_across_30_seconds(encoder, long_waveform):
+    upstream = _steps(feature_array(encoder, long_waveform, mode="upstream"))
+    seamless = _steps(feature_array(encoder, long_waveform, mode="seamless"))
+    boundary = 1499  # row 1500 = 30.0 s, where upstream's second window starts
+    # upstream jumps at the window boundary: its largest step anywhere, several times a typical step
+    assert upstream.argmax() == boundary and upstream[boundary] > 3 * upstream.median()
+    # seamless: an ordinary step there, and nowhere past the clip's first second a step out of the ordinary
+    assert seamless[boundary] < 1.5 * seamless.median()
+    assert seamless[50:].max() < 2 * seamless.median()
+
+
+def test_bad_audio_is_rejected(encoder):
+    with pytest.raises(ValueError, match="mono"):
+        feature_array(encoder, np.zeros((2, 16000), np.float32))
+    with pytest.raises(ValueError, match="at least"):
+        feature_array(encoder, np.zeros(10, np.float32))

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+from lipsync_ray.models import CheckpointMismatchError, UNet3DConditionModel
+from lipsync_ray.models.presets import load_unet_config
+
+from .conftest import DATA, load_fixture
+
+
+def _contract_keys(name):
+    return {e["key"]: e["shape"] for e in json.loads((DATA / name).read_text())["keys"]}
+
+
+@pytest.mark.parametrize("variant", ["stage2.yaml", "stage2_512.yaml"])
+def test_full_config_state_dict_matches_published_checkpoint(variant):
+    expected = _contract_keys("unet_stage2_state_dict.json")
+    assert len(expected) == 1246
+    with torch.device("meta"):
+        model = UNet3DConditionModel.from_config(load_unet_config(variant))
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+    assert sum(p.numel() for p in model.parameters()) == 1_267_099_844
+
+
+@pytest.fixture(scope="module")
+def equivalence():
+    return load_fixture("unet_equivalence_A.pt")
+
+
+def test_reduced_config_keys(equivalence):
+    model = UNet3DConditionModel.from_config(equivalence["config"])
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == _contract_keys("unet_reduced_A_state_dict.json")
+
+
+def test_forward_reproduces_upstream(equivalence):
+    model = UNet3DConditionModel.from_config(equivalence["config"]).eval()
+    model.load_state_dict(equivalence["state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(equivalence["sample"], equivalence["timestep"], encoder_hidden_states=equivalence["encoder_hidden_states"])
+    torch.testing.assert_close(out.sample, equivalence["expected"], rtol=1e-4, atol=1e-4)
+
+    # python-int timestep and (b, f, tokens, dim) audio embeds give the same result
+    ehs = equivalence["encoder_hidden_states"].reshape(2, 16, 50, 64)
+    with torch.no_grad():
+        again = model(equivalence["sample"], int(equivalence["timestep"]), encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(again, out.sample, rtol=0, atol=0)
+
+
+def _tiny_config(**overrides):
+    cfg = dict(
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+        up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"],
+        norm_num_groups=8,
+        layers_per_block=1,
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        motion_module_resolutions=[1, 2],
+        motion_module_kwargs={"num_attention_heads": 2, "temporal_position_encoding_max_len": 24},
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("frames", [1, 7, 16, 24])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"layers_per_block": 2, "norm_num_groups": 4}, {"block_out_channels": [64, 32], "attention_head_dim": 4}],
+)
+def test_other_valid_configs_run(frames, overrides):
+    torch.manual_seed(0)
+    model = UNet3DConditionModel.from_config(_tiny_config(**overrides)).eval()
+    sample = torch.randn(2, 13, frames, 8, 8)
+    audio = torch.randn(2 * frames, 50, 24)
+    with torch.no_grad():
+        out = model(sample, torch.tensor(500), encoder_hidden_states=audio).sample
+    assert out.shape == (2, 4, frames, 8, 8) and torch.isfinite(out).all()
+
+
+def test_odd_spatial_size_and_per_sample_timesteps():
+    model = UNet3DConditionModel.from_config(_tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 13, 4, 9, 7), torch.tensor([10, 900]), torch.randn(8, 50, 24)).sample
+    assert out.shape == (2, 4, 4, 9, 7)
+
+
+def test_too_many_frames_for_positional_encoding_is_an_error():
+    model = UNet3DConditionModel.from_config(_tiny_config()).eval()
+    with pytest.raises(ValueError, match="25 frames exceed"):
+        model(torch.randn(1, 13, 25, 8, 8), 1, torch.randn(25, 50, 24))
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="use_magic"):
+        UNet3DConditionModel.from_config(_tiny_config(use_magic=True))
+
+
+def test_strict_checkpoint_loading_names_bad_keys(tmp_path):
+    model = UNet3DConditionModel.from_config(_tiny_config())
+    state = model.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["conv_in.bias"]
+    path = tmp_path / "latentsync_unet.pt"
+    torch.save({"state_dict": state, "global_step": 7}, path)
+    with pytest.raises(CheckpointMismatchError) as err:
+        model.load_checkpoint(path)
+    assert "conv_in.bias" in str(err.value) and "extra.weight" in str(err.value)
+
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": UNet3DConditionModel.from_config(_tiny_config()).state_dict(), "global_step": 7}, good)
+    assert model.load_checkpoint(good) == 7
