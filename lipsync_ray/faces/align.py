@@ -1,0 +1,152 @@
+"""Face alignment to the LatentSync template, crop, and paste-back, batched over frames on a torch device.
+
+Upstream semantics (StyleSync-derived `AlignRestore`): a 3-point similarity transform (eyebrow centres and nose
+centre) to a template, with the translation nudged by an exponential moving average of the nose offset in
+normalised coordinates; crops are (75, 100) * ratio pixels (W, H) with ratio = resolution / 256 * 2.8, then
+LANCZOS4-resized to resolution x resolution. Paste-back warps the generated face back and blends it with a mask
+that is eroded and blurred in proportion to the face's size. uint8 conversions truncate, as upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TEMPLATE_256 = ((17.0, 20.0), (58.0, 20.0), (37.5, 40.0))  # per unit of `ratio`
+FILL = 127.0
+SMOOTH_KEEP = 0.2  # weight of the previous nose offset in the translation smoothing
+
+
+@dataclass
+class SmoothingState:
+    """Translation-smoothing memory carried from one frame (or chunk) to the next."""
+
+    bias: torch.Tensor | None = None
+
+
+class FaceAligner:
+    def __init__(self, resolution: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.resolution = resolution
+        self.device = torch.device(device)
+        self.dtype = dtype
+        ratio = resolution / 256 * 2.8
+        self.template = torch.tensor(TEMPLATE_256, dtype=torch.float64) * ratio
+        self.face_w, self.face_h = int(75 * ratio), int(100 * ratio)
+
+    # -- transform estimation ---------------------------------------------------------------------------------
+    def estimate(
+        self, points: np.ndarray | torch.Tensor, state: SmoothingState | None = None, smooth: bool = True
+    ) -> tuple[torch.Tensor, SmoothingState]:
+        """Frame -> crop similarity matrices (F, 2, 3) float32 for landmark triples (F, 3, 2).
+
+        `state` carries the smoothing across calls, so a chunk warmed up on its overlap agrees with its
+        neighbour. Smoothing runs in frame order, as upstream does over a whole video.
+        """
+        p1 = torch.as_tensor(np.asarray(points), dtype=torch.float32).reshape(-1, 3, 2)
+        p2 = self.template.to(torch.float32).expand_as(p1)
+        c1, c2 = p1.mean(1, keepdim=True), p2.mean(1, keepdim=True)
+        s1 = (p1 - c1).flatten(1).std(1)[:, None, None]  # unbiased over all six numbers, as upstream
+        s2 = (p2 - c2).flatten(1).std(1)[:, None, None]
+        n1, n2 = (p1 - c1) / s1, (p2 - c2) / s2
+        u, _, v = torch.svd(n1.transpose(1, 2) @ n2)
+        r = v @ u.transpose(1, 2)
+        flip = torch.linalg.det(r) < 0
+        if flip.any():
+            v = v.clone()
+            v[flip, :, -1] *= -1
+            r = v @ u.transpose(1, 2)
+        scale = s2 / s1
+        t = c2.transpose(1, 2) - scale * r @ c1.transpose(1, 2)
+        m = torch.cat([scale * r, t], dim=2)
+        state = state or SmoothingState()
+        if smooth:
+            raw = n2[:, 2] - n1[:, 2]
+            bias = state.bias
+            for i in range(m.shape[0]):
+                bias = raw[i] if bias is None else SMOOTH_KEEP * bias + (1 - SMOOTH_KEEP) * raw[i]
+                m[i, :, 2] += bias
+            state = SmoothingState(bias)
+        return m, state
+
+    # -- crop -------------------------------------------------------------------------------------------------
+    def _frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(frames)
+        return x.to(self.device).permute(0, 3, 1, 2).to(self.dtype)
+
+    def warp(self, frames: np.ndarray | torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+        """Aligned face crops (F, face_h, face_w, 3) uint8 from frames (F, H, W, 3) uint8."""
+        fill = torch.full((3,), FILL, device=self.device, dtype=self.dtype)
+        crops = kornia.geometry.transform.warp_affine(
+            self._frames(frames),
+            matrices.to(self.device, self.dtype),
+            (self.face_h, self.face_w),
+            mode="bilinear",
+            padding_mode="fill",
+            fill_value=fill,
+        )
+        return crops.permute(0, 2, 3, 1).to(torch.uint8).cpu()
+
+    def to_model_size(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
+        """LANCZOS4 resize of (F, face_h, face_w, 3) uint8 crops to (F, res, res, 3), as upstream."""
+        size = (self.resolution, self.resolution)
+        out = [cv2.resize(np.asarray(c), size, interpolation=cv2.INTER_LANCZOS4) for c in np.asarray(crops)]
+        return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
+
+    def align(self, frames, points, state: SmoothingState | None = None):
+        """Frames + landmark triples -> (model-size crops (F, res, res, 3) uint8, matrices, state)."""
+        m, state = self.estimate(points, state)
+        return self.to_model_size(self.warp(frames, m)), m, state
+
+    # -- paste back -------------------------------------------------------------------------------------------
+    def from_model_size(self, faces: torch.Tensor) -> torch.Tensor:
+        """(F, 3, res, res) faces in [-1, 1] -> (F, 3, face_h, face_w): bicubic with antialias, unclamped."""
+        return F.interpolate(faces, size=(self.face_h, self.face_w), mode="bicubic", antialias=True, align_corners=False)
+
+    def restore(self, frames: np.ndarray | torch.Tensor, faces: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+        """Paste faces (F, 3, face_h, face_w) in [-1, 1] back into frames (F, H, W, 3) uint8 -> uint8."""
+        img = self._frames(frames)
+        h, w = img.shape[-2:]
+        inv = kornia.geometry.transform.invert_affine_transform(matrices.to(self.device, self.dtype))
+        fill = torch.full((3,), FILL, device=self.device, dtype=self.dtype)
+        face = kornia.geometry.transform.warp_affine(
+            faces.to(self.device, self.dtype), inv, (h, w), mode="bilinear", padding_mode="fill", fill_value=fill
+        )
+        face = (face / 2 + 0.5).clamp(0, 1) * 255
+        ones = torch.ones(inv.shape[0], 1, self.face_h, self.face_w, device=self.device, dtype=self.dtype)
+        mask = erode(kornia.geometry.transform.warp_affine(ones, inv, (h, w), padding_mode="zeros"), 2)
+        soft = torch.empty_like(mask)
+        for i in range(mask.shape[0]):  # kernel sizes depend on each frame's face area
+            soft[i] = soft_edge(mask[i : i + 1])[0]
+        out = soft * (mask * face) + (1 - soft) * img
+        return out.permute(0, 2, 3, 1).to(torch.uint8).cpu()
+
+
+def erode(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat k x k erosion (min filter) with OpenCV's anchor and border: pixels outside the image are ignored."""
+    if k <= 1:
+        return x
+    before, after = k // 2, k - 1 - k // 2
+    padded = F.pad(-x.float(), (before, after, before, after), value=float("-inf"))
+    return (-F.max_pool2d(padded, k, stride=1)).to(x.dtype)
+
+
+def soft_edge(mask: torch.Tensor) -> torch.Tensor:
+    """Shrink the pasted region by ~1/10 of the face's size and feather it: upstream's restore mask."""
+    w_edge = int(float(mask.float().sum()) ** 0.5) // 20
+    blur = w_edge * 2 + 1
+    sigma = 0.3 * ((blur - 1) * 0.5 - 1) + 0.8
+    return kornia.filters.gaussian_blur2d(erode(mask, w_edge * 2), (blur, blur), (sigma, sigma))
+
+
+def three_points_from_106(landmarks: np.ndarray) -> np.ndarray:
+    """insightface 106-point landmarks (..., 106, 2) -> the 3 alignment points (..., 3, 2), rounded as upstream."""
+    lmk = np.asarray(landmarks, dtype=np.float64)
+    brow_l = lmk[..., [43, 48, 49, 51, 50], :].mean(-2)
+    brow_r = lmk[..., 101:106, :].mean(-2)
+    nose = lmk[..., [74, 77, 83, 86], :].mean(-2)
+    return np.round(np.stack([brow_l, brow_r, nose], axis=-2))

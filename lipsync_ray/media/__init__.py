@@ -1,0 +1,3 @@
+from .video import iter_frames
+
+__all__ = ["iter_frames"]

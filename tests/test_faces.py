@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from lipsync_ray.faces import FaceAligner, OfflineDetector, make_detector, three_points_from_106
+from lipsync_ray.faces.align import SmoothingState
+from lipsync_ray.media import iter_frames
+
+from .conftest import DATA, load_fixture
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return load_fixture("align_restore.pt")
+
+
+def _close_uint8(a, b):
+    diff = (torch.as_tensor(np.asarray(a)).int() - torch.as_tensor(np.asarray(b)).int()).abs()
+    assert diff.shape == tuple(b.shape)
+    return float((diff <= 1).float().mean())
+
+
+@pytest.mark.parametrize("res", [256, 512])
+def test_alignment_and_restore_reproduce_upstream(contract, res):
+    ref = contract[f"res{res}"]
+    frames = torch.stack(contract["frames"]).numpy()
+    points = torch.stack(contract["landmarks3"]).numpy()
+    aligner = FaceAligner(res)
+    assert (aligner.face_w, aligner.face_h) == tuple(ref["face_size_wh"])
+    torch.testing.assert_close(aligner.template, ref["face_template"])
+
+    matrices, state = aligner.estimate(points)
+    torch.testing.assert_close(matrices, torch.cat(ref["affine_matrices"]), rtol=1e-5, atol=5e-4)
+    torch.testing.assert_close(state.bias, ref["p_bias_after_call"][1], rtol=1e-4, atol=1e-4)
+    unsmoothed, _ = aligner.estimate(points[:1], smooth=False)
+    torch.testing.assert_close(unsmoothed[0], ref["affine_matrix_frame0_unsmoothed"], rtol=1e-5, atol=5e-4)
+
+    crops = aligner.warp(frames, matrices)
+    for crop, expected in zip(crops, ref["cropped_faces_hwc_uint8"]):
+        assert _close_uint8(crop, expected) >= 0.999
+    resized = aligner.to_model_size(crops[:1])[0]
+    assert resized.shape == (res, res, 3)
+    assert _close_uint8(resized, ref["frame0_face_resized_lanczos4_hwc_uint8"]) >= 0.999
+
+    face = ref["generated_face_uint8"].float() / 127.5 - 1.0
+    restored = aligner.restore(frames[:1], face[None], matrices[:1])[0]
+    assert _close_uint8(restored, ref["restored_frame0_hwc_uint8"]) >= 0.999
+    # only the face region changes
+    changed = (restored.int() - torch.as_tensor(frames[0]).int()).abs().amax(-1) > 0
+    assert 0.5 * ref["restore_changed_pixels"] < changed.sum() < 1.5 * ref["restore_changed_pixels"]
+
+
+def test_smoothing_state_carries_across_calls(contract):
+    points = torch.stack(contract["landmarks3"]).numpy()
+    aligner = FaceAligner(256)
+    together, _ = aligner.estimate(points)
+    first, state = aligner.estimate(points[:1])
+    second, _ = aligner.estimate(points[1:], state)
+    torch.testing.assert_close(torch.cat([first, second]), together)
+    fresh, _ = aligner.estimate(points[1:], SmoothingState())
+    assert not torch.allclose(fresh, second)
+
+
+def test_three_points_from_106_landmarks():
+    lmk = np.zeros((106, 2))
+    lmk[[43, 48, 49, 51, 50]] = [10, 20]
+    lmk[101:106] = [30, 20]
+    lmk[[74, 77, 83, 86]] = [20.4, 40.6]
+    np.testing.assert_array_equal(three_points_from_106(lmk), [[10, 20], [30, 20], [20, 41]])
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return OfflineDetector()
+
+
+def test_offline_detector_matches_hand_placed_points(contract, offline):
+    frames = list(iter_frames(DATA / "demo1_video.mp4", 0, 2))
+    eyebrow_distance = 80.0
+    for frame, expected in zip(frames, contract["landmarks3_full_frame"]):
+        faces = offline.detect(frame)
+        assert len(faces) == 1
+        error = np.linalg.norm(faces[0].points - expected.numpy(), axis=1)
+        assert error.max() < 0.12 * eyebrow_distance, error
+
+
+@pytest.mark.parametrize("video", ["demo1_video.mp4", "demo2_video.mp4"])
+def test_offline_detector_finds_the_face_on_every_frame(offline, video):
+    counts = [len(offline.detect(frame)) for frame in iter_frames(DATA / video)]
+    assert len(counts) in (250, 502)
+    assert min(counts) >= 1, [i for i, c in enumerate(counts) if c == 0]
+
+
+def test_frame_without_face_is_reported_not_raised(offline):
+    frame = next(iter_frames(DATA / "demo1_video.mp4"))
+    assert offline.detect(frame[:300]) == []  # the wall above her head
+    assert offline.detect(np.full((480, 640, 3), 127, np.uint8)) == []
+
+
+def test_auto_detector_is_offline_without_insightface_files(tmp_path, offline):
+    assert make_detector("auto", root=tmp_path).name == "offline"
+    with pytest.raises(FileNotFoundError, match="buffalo_l"):
+        make_detector("insightface", root=tmp_path)
