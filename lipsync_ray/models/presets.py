@@ -129,9 +129,9 @@ def build_random_components(preset: ModelPreset, seed: int = 0) -> Components:
     return Components(preset, unet.eval(), vae.eval(), whisper.eval(), scheduler_config())
 
 
-def load_components(name: str, root: str | Path | None = None) -> Components:
+def load_components(model: str | ModelPreset, root: str | Path | None = None) -> Components:
     """Load a preset's published weights from the checkpoints root (strict), or build tiny-random."""
-    preset = get_preset(name)
+    preset = model if isinstance(model, ModelPreset) else get_preset(model)
     if preset.random_weights:
         return build_random_components(preset)
     root = checkpoints_root(root)
