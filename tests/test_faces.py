@@ -101,3 +101,27 @@ def test_auto_detector_is_offline_without_insightface_files(tmp_path, offline):
     assert make_detector("auto", root=tmp_path).name == "offline"
     with pytest.raises(FileNotFoundError, match="buffalo_l"):
         make_detector("insightface", root=tmp_path)
+
+
+def test_upstream_filters_on_insightface_detections():
+    from types import SimpleNamespace
+
+    from lipsync_ray.faces.detect import upstream_filter
+
+    lmk = np.tile([[100.0, 100.0]], (106, 1))
+
+    def det(box, score=0.9):
+        return SimpleNamespace(bbox=np.array(box, float), det_score=score, landmark_2d_106=lmk)
+
+    faces = upstream_filter(
+        [
+            det([0, 0, 60, 90]),  # kept
+            det([0, 0, 40, 90]),  # too narrow
+            det([0, 0, 60, 70]),  # too short
+            det([0, 0, 200, 100]),  # too wide for its height
+            det([0, 0, 120, 160], score=0.4),  # low score
+            det([0, 0, 100, 150]),  # kept, largest
+        ]
+    )
+    assert [f.area for f in faces] == [15000, 5400]
+    np.testing.assert_array_equal(faces[0].points, [[100, 100]] * 3)

