@@ -1,0 +1,93 @@
+"""Planning a video: which source frame each output frame shows, the 16-frame model windows, the chunks that
+workers process independently, and the crossfade weights that stitch them. Pure functions, no I/O.
+
+- Output runs at 25 fps and follows the audio: audio longer than the video ping-pongs the video (forward,
+  backward, ... repeating the turn-around frame, as upstream); shorter audio cuts it.
+- Model windows are 16 frames on one global grid with stride `window - window_overlap`; frames covered by two
+  windows are crossfaded, which removes upstream's jump at every 16-frame boundary.
+- Chunks are runs of whole windows. Neighbouring chunks share the frames of the window overlap between them,
+  so a chunk's result depends only on its own frames, audio and the seed: any worker computes the same thing,
+  and frames outside the shared overlaps are identical whatever the chunking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FPS = 25
+WINDOW = 16
+
+
+def output_frame_count(audio_samples: int, sample_rate: int = 16_000) -> int:
+    """Frames at 25 fps that the audio covers (upstream emits two more: its feature loop overshoots)."""
+    return audio_samples * FPS // sample_rate
+
+
+def frames_at_25fps(source_frames: int, source_fps: float) -> int:
+    """How many 25 fps frames a clip of `source_frames` at `source_fps` lasts."""
+    return max(1, math.floor(source_frames * FPS / source_fps + 1e-6)) if source_frames else 0
+
+
+def source_frame_map(n_out: int, source_frames: int, source_fps: float = FPS) -> np.ndarray:
+    """Source frame index for each 25 fps output frame: resampled to 25 fps, ping-pong looped, cut to n_out."""
+    n25 = frames_at_25fps(source_frames, source_fps)
+    if n25 == 0:
+        raise ValueError("the video has no frames")
+    i = np.arange(n_out)
+    loop, k = np.divmod(i, n25)
+    k25 = np.where(loop % 2 == 0, k, n25 - 1 - k)
+    # nearest source frame to each 25 fps timestamp
+    return np.minimum(np.floor(k25 * source_fps / FPS + 0.5).astype(np.int64), source_frames - 1)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    stop: int  # exclusive; the last window may be shorter than 16 and is padded by the generator
+
+
+def windows(n_out: int, window: int = WINDOW, overlap: int = 4) -> list[Window]:
+    """The global grid of model windows covering [0, n_out)."""
+    if not 0 <= overlap <= window // 2:
+        raise ValueError(f"window overlap must be in [0, {window // 2}], got {overlap}")
+    stride = window - overlap
+    starts = range(0, max(n_out - overlap, 1), stride)
+    return [Window(s, min(s + window, n_out)) for s in starts]
+
+
+def window_weights(wins: list[Window], overlap: int) -> list[np.ndarray]:
+    """Per-window crossfade weights over its frames; across windows they sum to 1 for every frame."""
+    weights = []
+    for j, w in enumerate(wins):
+        n = w.stop - w.start
+        t = np.ones(n)
+        ramp = (np.arange(overlap) + 1) / (overlap + 1)
+        if j > 0 and overlap:  # every window but the last is full length, and the last is longer than overlap
+            t[:overlap] = ramp
+        if j < len(wins) - 1 and overlap:
+            t[-overlap:] = ramp[::-1]
+        weights.append(t)
+    return weights
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    windows: tuple[Window, ...]
+
+    @property
+    def start(self) -> int:
+        return self.windows[0].start
+
+    @property
+    def stop(self) -> int:
+        return self.windows[-1].stop
+
+
+def chunks(n_out: int, windows_per_chunk: int = 8, window: int = WINDOW, overlap: int = 4) -> list[Chunk]:
+    """Split the window grid into chunks of `windows_per_chunk` windows (the last may have fewer)."""
+    wins = windows(n_out, window, overlap)
+    return [Chunk(c, tuple(wins[i : i + windows_per_chunk])) for c, i in enumerate(range(0, len(wins), windows_per_chunk))]
