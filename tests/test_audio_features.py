@@ -64,3 +64,16 @@ def test_bad_audio_is_rejected(encoder):
         feature_array(encoder, np.zeros((2, 16000), np.float32))
     with pytest.raises(ValueError, match="at least"):
         feature_array(encoder, np.zeros(10, np.float32))
+
+
+@pytest.mark.parametrize("mode", ["upstream", "seamless"])
+def test_a_chunk_gets_exactly_the_whole_clips_rows(encoder, long_waveform, mode):
+    from lipsync_ray.audio import feature_rows, mel_ceiling
+
+    whole = feature_array(encoder, long_waveform, mode=mode)
+    ceiling = mel_ceiling(long_waveform)
+    for rows in [range(0, 40), range(1400, 1560), range(1600, 1625)]:
+        part = feature_rows(encoder, long_waveform, rows, mode=mode, ceiling=ceiling)
+        torch.testing.assert_close(part, whole[rows.start : rows.stop], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        feature_rows(encoder, long_waveform, range(1600, 1700), mode=mode)

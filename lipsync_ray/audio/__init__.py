@@ -1,4 +1,6 @@
 from .whisper_features import (
+    feature_rows,
+    mel_ceiling,
     SAMPLE_RATE,
     AudioMode,
     WhisperFeatureEncoder,
@@ -11,6 +13,8 @@ from .whisper_features import (
 )
 
 __all__ = [
+    "feature_rows",
+    "mel_ceiling",
     "SAMPLE_RATE",
     "AudioMode",
     "WhisperFeatureEncoder",

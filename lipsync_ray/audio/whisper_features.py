@@ -73,38 +73,56 @@ class WhisperFeatureEncoder(torch.nn.Module):
         return torch.stack(states, dim=2)
 
 
-def log_mel(waveform: np.ndarray | torch.Tensor, n_mels: int = 80) -> torch.Tensor:
-    """Whisper log-mel of the whole clip with no padding (normalised over the whole clip, as upstream)."""
+HOP = 160  # samples per mel frame
+N_FFT = 400
+
+
+def _log10_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """Whisper's log10 mel power before its clip-wide normalisation: (n_mels, len(audio) // 160)."""
+    stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
+    mel = whisper.audio.mel_filters(audio.device, n_mels) @ stft[..., :-1].abs() ** 2
+    return mel.clamp(min=1e-10).log10()
+
+
+def _as_audio(waveform) -> torch.Tensor:
     audio = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
-    if audio.ndim != 1 or audio.numel() < 400:
-        raise ValueError(f"audio must be mono 16 kHz with at least 400 samples, got shape {tuple(audio.shape)}")
-    return whisper.log_mel_spectrogram(audio, n_mels, padding=0)
+    if audio.ndim != 1 or audio.numel() < N_FFT:
+        raise ValueError(f"audio must be mono 16 kHz with at least {N_FFT} samples, got shape {tuple(audio.shape)}")
+    return audio
 
 
-def _encode_windows(encoder: WhisperFeatureEncoder, mel: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Encode the 30 s windows starting at `starts` (mel frames) in one batch; returns states and valid rows."""
-    device = next(encoder.parameters()).device
-    dtype = next(encoder.parameters()).dtype
-    windows, valid = [], []
-    for s in starts:
-        w = mel[:, s : s + WINDOW_MEL]
-        valid.append(w.shape[1] // 2)
-        windows.append(torch.nn.functional.pad(w, (0, WINDOW_MEL - w.shape[1])))
-    batch = torch.stack(windows).to(device=device, dtype=dtype)
-    return encoder(batch).float().cpu(), valid
+def mel_ceiling(waveform, n_mels: int = 80) -> float:
+    """The clip-wide maximum of the log10 mel, which whisper's normalisation is relative to."""
+    return float(_log10_mel(_as_audio(waveform), n_mels).max())
 
 
-def feature_array(encoder: WhisperFeatureEncoder, waveform, mode: AudioMode = "seamless") -> torch.Tensor:
-    """Whisper hidden states at 50 rows/s over the whole clip: (N, layers + 1, C), N = mel frames // 2."""
-    mel = log_mel(waveform, encoder.dims.n_mels)
-    total = mel.shape[1]
-    if mode == "upstream" or total <= WINDOW_MEL:
-        starts = list(range(0, total, WINDOW_MEL))
-        states, valid = _encode_windows(encoder, mel, starts)
-        return torch.cat([s[:v] for s, v in zip(states, valid)])
+def log_mel(waveform, n_mels: int = 80, frames: range | None = None, ceiling: float | None = None) -> torch.Tensor:
+    """Whisper log-mel (no padding), normalised over the whole clip as upstream, for mel `frames` only.
+
+    Only the audio around `frames` is transformed (with a margin wider than the FFT), so a chunk's mel equals the
+    same frames of the whole clip's mel once `ceiling` (see `mel_ceiling`) is shared.
+    """
+    audio = _as_audio(waveform)
+    total = audio.numel() // HOP
+    frames = frames or range(total)
+    if ceiling is None:
+        ceiling = mel_ceiling(audio, n_mels)
+    margin = 3  # frames; 3 * 160 samples > n_fft / 2, so edge padding never reaches the kept frames
+    first = max(0, frames.start - margin)
+    last = min(total, frames.stop + margin)
+    piece = audio[first * HOP : audio.numel() if last == total else last * HOP]
+    log = _log10_mel(piece, n_mels)[:, frames.start - first : frames.stop - first]
+    return (torch.maximum(log, torch.tensor(ceiling - 8.0)) + 4.0) / 4.0
+
+
+def _window_starts(total_mel: int, mode: AudioMode) -> list[int]:
+    """Mel-frame starts of the encoder's 30 s windows over the whole clip (a global grid every chunk shares)."""
+    if mode == "upstream" or total_mel <= WINDOW_MEL:
+        return list(range(0, total_mel, WINDOW_MEL))
     if mode != "seamless":
         raise ValueError(f"unknown audio feature mode {mode!r} (seamless or upstream)")
-    return _seamless(encoder, mel)
+    last = total_mel - WINDOW_MEL
+    return list(range(0, last, HOP_MEL)) + [last]
 
 
 # Seamless windows: 30 s long, a new one every 20 s, the last one aligned to the clip's end; neighbours are
@@ -113,26 +131,64 @@ HOP_MEL = 2000
 RAMP_ROWS = 250
 
 
-def _seamless(encoder: WhisperFeatureEncoder, mel: torch.Tensor) -> torch.Tensor:
-    total = mel.shape[1]
-    last = total - WINDOW_MEL
-    starts = list(range(0, last, HOP_MEL)) + [last]
-    states, _ = _encode_windows(encoder, mel, starts)
-    rows = total // 2
-    acc = torch.zeros(rows, *states.shape[2:])
-    weight_sum = torch.zeros(rows)
-    for k, (s, st) in enumerate(zip(starts, states)):
-        a, n = s // 2, WINDOW_MEL // 2
+def _window_weights(k: int, count: int, mode: AudioMode) -> torch.Tensor:
+    n = WINDOW_MEL // 2
+    w = torch.ones(n)
+    if mode == "seamless":
         r = torch.arange(n, dtype=torch.float32) + 0.5
-        w = torch.ones(n)
         if k > 0:
             w = torch.minimum(w, r / RAMP_ROWS)
-        if k < len(starts) - 1:
+        if k < count - 1:
             w = torch.minimum(w, (n - r) / RAMP_ROWS)
-        n = min(n, rows - a)
-        acc[a : a + n] += st[:n] * w[:n, None, None]
-        weight_sum[a : a + n] += w[:n]
+    return w
+
+
+def feature_rows(
+    encoder: WhisperFeatureEncoder, waveform, rows: range | None = None, mode: AudioMode = "seamless",
+    ceiling: float | None = None,
+) -> torch.Tensor:
+    """Whisper hidden states at 50 rows/s for `rows` of the clip (default all): (len(rows), layers + 1, C).
+
+    Only the windows overlapping `rows` are encoded (in one batch), so a chunk gets exactly the rows that the
+    whole clip would give it, given the clip's `ceiling` (computed here when not passed).
+    """
+    audio = _as_audio(waveform)
+    total_mel = audio.numel() // HOP
+    total_rows = total_mel // 2
+    rows = rows if rows is not None else range(total_rows)
+    if rows.start < 0 or rows.stop > total_rows or not len(rows):
+        raise ValueError(f"rows {rows.start}..{rows.stop} outside the clip's {total_rows} rows")
+    if ceiling is None:
+        ceiling = mel_ceiling(audio, encoder.dims.n_mels)
+    starts = _window_starts(total_mel, mode)
+    needed = [k for k, s in enumerate(starts) if s // 2 < rows.stop and (s + WINDOW_MEL) // 2 > rows.start]
+    mels = [log_mel(audio, encoder.dims.n_mels, range(starts[k], min(starts[k] + WINDOW_MEL, total_mel)), ceiling) for k in needed]
+    states, valid = _encode_windows(encoder, mels)
+    acc = torch.zeros(len(rows), *states.shape[2:])
+    weight_sum = torch.zeros(len(rows))
+    for k, st, v in zip(needed, states, valid):
+        a = starts[k] // 2
+        lo, hi = max(a, rows.start), min(a + v, rows.stop)
+        if mode == "upstream":  # hard windows: each row belongs to exactly one window
+            acc[lo - rows.start : hi - rows.start] = st[lo - a : hi - a]
+            weight_sum[lo - rows.start : hi - rows.start] = 1
+            continue
+        w = _window_weights(k, len(starts), mode)[lo - a : hi - a]
+        acc[lo - rows.start : hi - rows.start] += st[lo - a : hi - a] * w[:, None, None]
+        weight_sum[lo - rows.start : hi - rows.start] += w
     return acc / weight_sum[:, None, None]
+
+
+def feature_array(encoder: WhisperFeatureEncoder, waveform, mode: AudioMode = "seamless") -> torch.Tensor:
+    """Whisper hidden states at 50 rows/s over the whole clip: (N, layers + 1, C), N = mel frames // 2."""
+    return feature_rows(encoder, waveform, None, mode)
+
+
+def _encode_windows(encoder: WhisperFeatureEncoder, mels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Encode mel windows (each zero-padded to 30 s) in one batch; returns states and each window's valid rows."""
+    param = next(encoder.parameters())
+    batch = torch.stack([torch.nn.functional.pad(m, (0, WINDOW_MEL - m.shape[1])) for m in mels])
+    return encoder(batch.to(param.device, param.dtype)).float().cpu(), [m.shape[1] // 2 for m in mels]
 
 
 def upstream_num_frames(rows: int) -> int:
