@@ -7,7 +7,9 @@ workers process independently, and the crossfade weights that stitch them. Pure 
   windows are crossfaded, which removes upstream's jump at every 16-frame boundary.
 - Chunks are runs of whole windows. Neighbouring chunks share the frames of the window overlap between them,
   so a chunk's result depends only on its own frames, audio and the seed: any worker computes the same thing,
-  and frames outside the shared overlaps are identical whatever the chunking.
+  and frames outside the shared overlaps are identical whatever the chunking, provided the generator batches
+  windows by their global index (floating-point kernels are not batch-invariant): keep `windows_per_chunk` a
+  multiple of the generator's windows per batch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def source_frame_map(n_out: int, source_frames: int, source_fps: float = FPS) ->
 
 @dataclass(frozen=True)
 class Window:
+    index: int  # position on the global grid
     start: int
     stop: int  # exclusive; the last window may be shorter than 16 and is padded by the generator
 
@@ -55,7 +58,7 @@ def windows(n_out: int, window: int = WINDOW, overlap: int = 4) -> list[Window]:
         raise ValueError(f"window overlap must be in [0, {window // 2}], got {overlap}")
     stride = window - overlap
     starts = range(0, max(n_out - overlap, 1), stride)
-    return [Window(s, min(s + window, n_out)) for s in starts]
+    return [Window(i, s, min(s + window, n_out)) for i, s in enumerate(starts)]
 
 
 def window_weights(wins: list[Window], overlap: int) -> list[np.ndarray]:

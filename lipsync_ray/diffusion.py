@@ -1,0 +1,126 @@
+"""The latent-diffusion step for one chunk: aligned face crops + per-frame audio -> generated face crops.
+
+Upstream LatentSync per 16-frame window: the lower face (mask.png == 0) is masked out, the masked and the full
+crops are VAE-encoded, and the U-Net denoises 4 noise channels conditioned on [mask, masked latents, reference
+latents] (13 channels) and the audio, with classifier-free guidance against zero audio; the decoded face keeps
+the reference's pixels where the mask is 1. The initial noise is one (4, h, w) draw shared by every frame, so it
+depends on the seed only and any worker reproduces any chunk.
+
+Ours: many windows per U-Net call (both guidance halves in the same batch), VAE latents taken at the posterior
+mean (upstream samples, with a spread far below the decoder's resolution), and windows that overlap on the
+global grid of `plan.windows` crossfaded in pixel space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.presets import VAE_SCALING, Components, make_scheduler
+from .plan import Window, window_weights
+
+
+def load_mask(resolution: int) -> torch.Tensor:
+    """The training mask at `resolution` (1 = keep, 0 = regenerate), LANCZOS-resized as upstream: (res, res)."""
+    raw = resources.files("lipsync_ray").joinpath("data/mask.png").read_bytes()
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+    resized = cv2.resize(image, (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
+    return torch.from_numpy(resized.astype(np.float32) / 255.0)
+
+
+@dataclass
+class DiffusionParams:
+    steps: int = 20
+    guidance: float = 1.5
+    seed: int = 1247
+    scheduler: str = "ddim"
+    windows_per_batch: int = 4
+
+
+class LipSyncDiffusion:
+    def __init__(self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.c = components
+        self.device, self.dtype = torch.device(device), dtype
+        self.resolution = components.preset.resolution
+        self.mask = load_mask(self.resolution).to(self.device, dtype)
+        lat = self.resolution // 8
+        self.mask_latent = F.interpolate(self.mask[None, None], size=(lat, lat))  # nearest, as upstream
+
+    def initial_noise(self, seed: int) -> torch.Tensor:
+        lat = self.resolution // 8
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(1, 4, 1, lat, lat, generator=gen).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.c.vae.encode(images).latent_dist.mode() * VAE_SCALING
+
+    @torch.no_grad()
+    def generate(
+        self, crops: np.ndarray, audio: torch.Tensor, windows: list[Window], params: DiffusionParams, overlap: int,
+        offset: int = 0,
+    ) -> np.ndarray:
+        """crops (F, R, R, 3) uint8 and audio (F, tokens, dim) for frames [offset, offset + F), which the
+        `windows` (global frame numbers) cover exactly -> generated crops (F, R, R, 3) uint8."""
+        images = torch.from_numpy(np.asarray(crops)).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+        audio = audio.to(self.device, self.dtype)
+        out = torch.zeros_like(images)
+        weight = torch.zeros(images.shape[0], device=self.device, dtype=self.dtype)
+        weights = dict(zip(windows, window_weights(windows, overlap)))
+        # batches group windows by their global index, so any chunking of the grid batches them alike
+        groups: dict[int, list[Window]] = {}
+        for w in windows:
+            groups.setdefault(w.index // params.windows_per_batch, []).append(w)
+        for batch in groups.values():
+            idx = [self._frames(w, offset) for w in batch]
+            decoded = self._denoise(images, audio, idx, params)
+            for w, frames, dec in zip(batch, idx, decoded):
+                wt = weights[w]
+                n = w.stop - w.start
+                t = torch.as_tensor(wt, device=self.device, dtype=self.dtype)
+                out[frames[:n]] += dec[:n] * t[:, None, None, None]
+                weight[frames[:n]] += t
+        out = out / weight[:, None, None, None]
+        return ((out / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def _frames(w: Window, offset: int, length: int = 16) -> torch.Tensor:
+        """Local frame indices of a window, padded to `length` by repeating its last frame."""
+        idx = torch.arange(w.start, w.stop) - offset
+        return torch.cat([idx, idx[-1:].expand(length - len(idx))])
+
+    def _denoise(self, images: torch.Tensor, audio: torch.Tensor, idx: list[torch.Tensor], params: DiffusionParams):
+        n, f = len(idx), len(idx[0])
+        flat = torch.cat(idx)
+        ref = images[flat]
+        ref_lat = self._encode(ref)
+        masked_lat = self._encode(ref * self.mask)
+
+        def to_video(x):  # (n*f, c, h, w) -> (n, c, f, h, w)
+            return x.reshape(n, f, *x.shape[1:]).transpose(1, 2)
+
+        cond = torch.cat([self.mask_latent.expand(n, 1, f, *self.mask_latent.shape[-2:]), to_video(masked_lat), to_video(ref_lat)], 1)
+        tokens = audio[flat]
+        guided = params.guidance > 1
+        if guided:
+            cond = torch.cat([cond, cond])
+            tokens = torch.cat([torch.zeros_like(tokens), tokens])
+        scheduler = make_scheduler(params.scheduler)
+        scheduler.set_timesteps(params.steps, device=self.device)
+        latents = self.initial_noise(params.seed).expand(n, 4, f, -1, -1).clone() * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, latents]) if guided else latents
+            x = torch.cat([scheduler.scale_model_input(x, t), cond], 1)
+            eps = self.c.unet(x, t, encoder_hidden_states=tokens).sample
+            if guided:
+                uncond, text = eps.chunk(2)
+                eps = uncond + params.guidance * (text - uncond)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        faces = self.c.vae.decode(latents.transpose(1, 2).reshape(n * f, 4, *latents.shape[-2:]) / VAE_SCALING).sample
+        faces = faces * (1 - self.mask) + ref * self.mask  # keep the upper face from the reference
+        return faces.reshape(n, f, *faces.shape[1:])

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from lipsync_ray.diffusion import DiffusionParams, LipSyncDiffusion, load_mask
+from lipsync_ray.models.presets import build_random_components, get_preset
+from lipsync_ray.plan import chunks, windows
+
+from .conftest import load_fixture
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return LipSyncDiffusion(build_random_components(get_preset("tiny-random")))
+
+
+def test_mask_matches_upstream():
+    fixture = load_fixture("mask_fixture.pt")
+    for res in (256, 512):
+        mask = load_mask(res)
+        expected = fixture[f"mask_{res}_uint8"].float() / 255.0
+        assert (mask - expected).abs().max() <= 1 / 255 + 1e-6
+    lat = torch.nn.functional.interpolate(load_mask(256)[None, None], size=(32, 32))
+    torch.testing.assert_close(lat[0], fixture["mask_256_latent_32"], atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_chunks_reproduce_the_single_run_outside_shared_overlaps(diffusion):
+    n, overlap = 36, 4
+    rng = np.random.RandomState(0)
+    crops = rng.randint(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+    audio = torch.randn(n, 50, 64, generator=torch.Generator().manual_seed(0))
+    params = DiffusionParams(steps=2, windows_per_batch=1)
+    whole = diffusion.generate(crops, audio, windows(n, 16, overlap), params, overlap)
+    assert whole.shape == crops.shape and whole.dtype == np.uint8
+    parts = chunks(n, windows_per_chunk=1, overlap=overlap)
+    assert len(parts) == 3
+    shared = set()
+    for a, b in zip(parts, parts[1:]):
+        shared |= set(range(b.start, a.stop))
+    for chunk in parts:
+        out = diffusion.generate(
+            crops[chunk.start : chunk.stop], audio[chunk.start : chunk.stop], list(chunk.windows), params, overlap,
+            offset=chunk.start,
+        )
+        own = [f for f in range(chunk.start, chunk.stop) if f not in shared]
+        np.testing.assert_array_equal(out[[f - chunk.start for f in own]], whole[own])
+    # the upper face (mask == 1) is the reference's
+    keep = load_mask(256).numpy() > 0.999
+    np.testing.assert_array_equal(whole[:, keep], crops[:, keep])
+
+
+def test_seed_changes_the_result(diffusion):
+    crops = np.full((16, 256, 256, 3), 128, np.uint8)
+    audio = torch.zeros(16, 50, 64)
+    a = diffusion.generate(crops, audio, windows(16), DiffusionParams(steps=1, seed=1), 4)
+    b = diffusion.generate(crops, audio, windows(16), DiffusionParams(steps=1, seed=2), 4)
+    assert not np.array_equal(a, b)
