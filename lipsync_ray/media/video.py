@@ -1,23 +1,79 @@
-"""Video decoding by frame range (PyAV), one frame in memory at a time."""
+"""Video decoding by frame index (PyAV), holding at most a small block of frames in memory."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
 
-def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, threads: int = 0) -> Iterator[np.ndarray]:
+def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
     """Yield RGB uint8 frames (H, W, 3) with decode index in [start, stop)."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if threads:
-            stream.codec_context.thread_count = threads
-        for i, frame in enumerate(container.decode(stream)):
-            if stop is not None and i >= stop:
+    with FrameReader(path) as reader:
+        end = reader.frames if stop is None else min(stop, reader.frames)
+        for i in range(start, end):
+            yield reader[i]
+
+
+class FrameReader:
+    """Random access to frames of a constant-frame-rate video. Forward reads continue the decoder; a jump
+    backwards (ping-pong, a new chunk) seeks to the keyframe before a block and decodes that block into a cache
+    of `block` frames, so memory stays bounded whatever the access pattern."""
+
+    def __init__(self, path: str | Path, block: int = 32):
+        self.path = str(path)
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        self.fps = Fraction(self.stream.average_rate or self.stream.guessed_rate)
+        self.frames = self.stream.frames or int(float(self.stream.duration * self.stream.time_base) * self.fps)
+        self.start_pts = self.stream.start_time or 0
+        self.block = block
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._decoder: Iterator | None = None
+        self._next = 0  # index the live decoder yields next
+
+    def _index(self, frame: av.VideoFrame) -> int:
+        return round(float((frame.pts - self.start_pts) * self.stream.time_base * self.fps))
+
+    def _seek(self, index: int) -> None:
+        pts = self.start_pts + int(index / self.fps / self.stream.time_base)
+        self.container.seek(pts, stream=self.stream, backward=True)
+        self._decoder = iter(self.container.decode(self.stream))
+        self._next = -1
+
+    def _keep(self, index: int, image: np.ndarray) -> None:
+        self.cache[index] = image
+        while len(self.cache) > self.block:
+            self.cache.popitem(last=False)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.frames:
+            raise IndexError(f"{self.path}: frame {index} outside 0..{self.frames - 1}")
+        if index in self.cache:
+            return self.cache[index]
+        if self._decoder is None or not (0 <= self._next <= index < self._next + self.block):
+            self._seek(max(0, index - self.block + 1) if index < self._next else index)
+        for frame in self._decoder:
+            i = self._index(frame)
+            self._next = i + 1
+            if i >= index - self.block + 1:
+                self._keep(i, frame.to_ndarray(format="rgb24"))
+            if i >= index:
                 break
-            if i >= start:
-                yield frame.to_ndarray(format="rgb24")
+        if index not in self.cache:  # stream shorter than its header said
+            raise IndexError(f"{self.path}: frame {index} could not be decoded")
+        return self.cache[index]
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> "FrameReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
