@@ -61,17 +61,21 @@ def windows(n_out: int, window: int = WINDOW, overlap: int = 4) -> list[Window]:
     return [Window(i, s, min(s + window, n_out)) for i, s in enumerate(starts)]
 
 
+def fade_out(overlap: int) -> np.ndarray:
+    """Weights of the earlier of two windows over the frames they share (the later one gets 1 - these)."""
+    return np.arange(overlap, 0, -1) / (overlap + 1)
+
+
 def window_weights(wins: list[Window], overlap: int) -> list[np.ndarray]:
     """Per-window crossfade weights over its frames; across windows they sum to 1 for every frame."""
     weights = []
     for j, w in enumerate(wins):
         n = w.stop - w.start
         t = np.ones(n)
-        ramp = (np.arange(overlap) + 1) / (overlap + 1)
         if j > 0 and overlap:  # every window but the last is full length, and the last is longer than overlap
-            t[:overlap] = ramp
+            t[:overlap] = 1 - fade_out(overlap)
         if j < len(wins) - 1 and overlap:
-            t[-overlap:] = ramp[::-1]
+            t[-overlap:] = fade_out(overlap)
         weights.append(t)
     return weights
 

@@ -40,12 +40,15 @@ class FaceAligner:
 
     # -- transform estimation ---------------------------------------------------------------------------------
     def estimate(
-        self, points: np.ndarray | torch.Tensor, state: SmoothingState | None = None, smooth: bool = True
+        self, points: np.ndarray | torch.Tensor, state: SmoothingState | None = None, smooth: bool = True,
+        memory: int | None = None,
     ) -> tuple[torch.Tensor, SmoothingState]:
         """Frame -> crop similarity matrices (F, 2, 3) float32 for landmark triples (F, 3, 2).
 
-        `state` carries the smoothing across calls, so a chunk warmed up on its overlap agrees with its
-        neighbour. Smoothing runs in frame order, as upstream does over a whole video.
+        Smoothing runs in frame order, as upstream does over a whole video; `state` carries it across calls.
+        With `memory=K` each frame's smoothing restarts K-1 frames back instead (the dropped influence is
+        0.2**K of the offset), making a frame's matrix a function of its last K frames only: a chunk that
+        includes K-1 frames of warm-up then agrees exactly with a run over the whole video.
         """
         p1 = torch.as_tensor(np.asarray(points), dtype=torch.float32).reshape(-1, 3, 2)
         p2 = self.template.to(torch.float32).expand_as(p1)
@@ -68,7 +71,12 @@ class FaceAligner:
             raw = n2[:, 2] - n1[:, 2]
             bias = state.bias
             for i in range(m.shape[0]):
-                bias = raw[i] if bias is None else SMOOTH_KEEP * bias + (1 - SMOOTH_KEEP) * raw[i]
+                if memory is not None:
+                    bias = None
+                    for j in range(max(0, i - memory + 1), i + 1):
+                        bias = raw[j] if bias is None else SMOOTH_KEEP * bias + (1 - SMOOTH_KEEP) * raw[j]
+                else:
+                    bias = raw[i] if bias is None else SMOOTH_KEEP * bias + (1 - SMOOTH_KEEP) * raw[i]
                 m[i, :, 2] += bias
             state = SmoothingState(bias)
         return m, state

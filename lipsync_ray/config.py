@@ -1,0 +1,42 @@
+"""One configuration model for the CLI, the Ray Data job and Ray Serve."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LipSyncConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("latentsync-1.6", description="latentsync-1.5, latentsync-1.6 or tiny-random")
+    checkpoints: str | None = Field(None, description="checkpoints folder (default ./checkpoints)")
+    steps: int = Field(20, ge=1, le=200)
+    guidance: float = Field(1.5, ge=1.0, le=20.0)
+    seed: int = 1247
+    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    audio_mode: Literal["seamless", "upstream"] = "seamless"
+    detector: Literal["auto", "insightface", "offline"] = "auto"
+    face: str = Field("largest", description="largest, or the rank by size (0 = largest) of the face to follow")
+    on_no_face: Literal["error", "passthrough"] = Field("error", description="a video with no face at all")
+    window_overlap: int = Field(4, ge=0, le=8, description="frames shared by neighbouring 16-frame windows")
+    windows_per_chunk: int = Field(8, ge=1)
+    windows_per_batch: int = Field(4, ge=1, description="windows per U-Net call")
+    smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LipSyncConfig":
+        if self.windows_per_chunk % self.windows_per_batch and self.windows_per_batch < self.windows_per_chunk:
+            raise ValueError("windows_per_chunk must be a multiple of windows_per_batch (chunk-invariant batches)")
+        if self.face != "largest" and not self.face.isdigit():
+            raise ValueError(f"face must be 'largest' or a number, got {self.face!r}")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,200 @@
+"""Prepare / Generate / Compose: plain classes that the in-process pipeline, Ray Data and Ray Serve all wrap.
+
+Each stage declares its resources, loads its models in `setup()` and processes one item per call. Only face
+crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames are decoded again in Compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import feature_rows, frame_indices, mel_ceiling
+from .config import LipSyncConfig
+from .diffusion import DiffusionParams, LipSyncDiffusion
+from .faces import FaceAligner, make_detector
+from .faces.detect import Face, FaceDetector
+from .media import FrameReader, MediaError, VideoWriter, load_audio, probe_video
+from .models.presets import checkpoints_root, get_preset, load_components
+from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
+
+
+class NoFaceError(MediaError):
+    pass
+
+
+@dataclass
+class VideoPlan:
+    video: str
+    audio: str
+    n_out: int
+    source_map: np.ndarray  # (n_out,) source frame per output frame
+    chunks: list[Chunk]
+    ceiling: float  # clip-wide log-mel ceiling shared by every chunk's audio features
+    width: int
+    height: int
+
+
+def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig) -> VideoPlan:
+    info = probe_video(video)
+    wave = load_audio(audio)
+    n_out = output_frame_count(wave.size)
+    source_map = source_frame_map(n_out, info.frames, float(info.fps))
+    return VideoPlan(
+        str(video), str(audio), n_out, source_map, chunks(n_out, cfg.windows_per_chunk, overlap=cfg.window_overlap),
+        mel_ceiling(wave), info.width, info.height,
+    )
+
+
+@dataclass
+class PreparedChunk:
+    chunk: Chunk
+    crops: np.ndarray  # (F, R, R, 3) uint8 aligned faces (faceless frames: nearest face, for the model only)
+    matrices: np.ndarray  # (F, 2, 3) frame -> crop
+    flags: np.ndarray  # (F,) a face was found
+    audio: torch.Tensor  # (F, tokens, dim)
+    generated: np.ndarray | None = field(default=None)
+
+
+def _choose(faces: list[Face], previous: Face | None, policy: str) -> Face | None:
+    """Follow one face: the policy picks it on its first frame, then the nearest face to the last one."""
+    if not faces:
+        return None
+    if previous is None:
+        rank = 0 if policy == "largest" else int(policy)
+        return faces[rank] if rank < len(faces) else None
+    centre = lambda f: (f.box[:2] + f.box[2:]) / 2  # noqa: E731
+    return min(faces, key=lambda f: float(np.linalg.norm(centre(f) - centre(previous))))
+
+
+class Prepare:
+    """CPU: decode a chunk's frames, detect, follow and align the face, compute the chunk's audio tokens."""
+
+    resources = {"num_cpus": 1}
+
+    def __init__(self, cfg: LipSyncConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        preset = get_preset(self.cfg.model)
+        self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
+        self.aligner = FaceAligner(preset.resolution)
+        self.whisper = load_components(self.cfg.model, self.cfg.checkpoints).whisper
+
+    def __call__(self, plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
+        warm = self.cfg.smoothing_memory - 1
+        first = max(0, chunk.start - warm)
+        frames = range(first, chunk.stop)
+        faces: list[Face | None] = []
+        previous = None
+        with FrameReader(plan.video) as reader:
+            for f in frames:
+                face = _choose(self.detector.detect(reader[int(plan.source_map[f])]), previous, self.cfg.face)
+                faces.append(face)
+                previous = face or previous
+            present = np.array([f is not None for f in faces])
+            n = chunk.stop - chunk.start
+            matrices = np.zeros((len(faces), 2, 3), np.float32)
+            crops = np.zeros((n, self.aligner.resolution, self.aligner.resolution, 3), np.uint8)
+            if present.any():
+                pts = np.stack([f.points for f in faces if f is not None])
+                m, _ = self.aligner.estimate(pts, memory=self.cfg.smoothing_memory)
+                matrices[present] = m.numpy()
+                own = [i for i in range(len(faces)) if i >= chunk.start - first and present[i]]
+                if own:
+                    images = np.stack([reader[int(plan.source_map[first + i])] for i in own])
+                    aligned = self.aligner.to_model_size(self.aligner.warp(images, torch.from_numpy(matrices[own])))
+                    crops[[i - (chunk.start - first) for i in own]] = aligned
+        flags = present[chunk.start - first :]
+        _fill_gaps(crops, flags)
+        wave = load_audio(plan.audio)
+        rows_total = wave.size // 320
+        idx = frame_indices(chunk.stop, rows_total)[chunk.start :]
+        rows = range(int(idx.min()), int(idx.max()) + 1)
+        feats = feature_rows(self.whisper, wave, rows, self.cfg.audio_mode, plan.ceiling)
+        picked = feats[idx - rows.start]
+        audio = picked.reshape(n, -1, picked.shape[-1])
+        return PreparedChunk(chunk, crops, matrices[chunk.start - first :], flags, audio)
+
+
+def _fill_gaps(crops: np.ndarray, flags: np.ndarray) -> None:
+    """Faceless frames get the nearest face's crop, so the model's windows around a gap see a steady face
+    (the gap frames themselves are passed through untouched at paste-back)."""
+    have = np.flatnonzero(flags)
+    if have.size == 0 or have.size == flags.size:
+        return
+    for i in np.flatnonzero(~flags):
+        crops[i] = crops[have[np.argmin(np.abs(have - i))]]
+
+
+class Generate:
+    """GPU (falls back to CPU): latent diffusion over a chunk's windows."""
+
+    resources = {"num_gpus": 1}
+
+    def __init__(self, cfg: LipSyncConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        device = self.cfg.resolved_device()
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        components = load_components(self.cfg.model, self.cfg.checkpoints).to(device, dtype)
+        self.diffusion = LipSyncDiffusion(components, device, dtype)
+        self.params = DiffusionParams(
+            self.cfg.steps, self.cfg.guidance, self.cfg.seed, self.cfg.scheduler, self.cfg.windows_per_batch
+        )
+
+    def __call__(self, item: PreparedChunk) -> PreparedChunk:
+        if item.flags.any():
+            c = item.chunk
+            item.generated = self.diffusion.generate(
+                item.crops, item.audio, list(c.windows), self.params, self.cfg.window_overlap, offset=c.start
+            )
+        else:
+            item.generated = item.crops
+        return item
+
+
+class Compose:
+    """CPU: stitch chunks in frame order (crossfade over shared overlaps), paste back, encode, mux, move."""
+
+    resources = {"num_cpus": 1}
+
+    def __init__(self, cfg: LipSyncConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        self.aligner = FaceAligner(get_preset(self.cfg.model).resolution)
+
+    def __call__(self, plan: VideoPlan, items, output: str | Path, progress=None) -> int:
+        """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
+        overlap = self.cfg.window_overlap
+        written = 0
+        carry: tuple[np.ndarray, np.ndarray] | None = None  # previous chunk's crops for the shared frames
+        with FrameReader(plan.video) as reader, VideoWriter(output, plan.width, plan.height, plan.audio) as writer:
+            for item in items:
+                c, crops = item.chunk, item.generated
+                if carry is not None:  # crossfade the frames shared with the previous chunk
+                    prev, ramp = carry
+                    shared = len(ramp)
+                    mine = 1 - ramp
+                    crops = crops.copy()
+                    crops[:shared] = np.round(prev * ramp[:, None, None, None] + crops[:shared] * mine[:, None, None, None]).astype(np.uint8)
+                last = c is plan.chunks[-1]
+                keep = c.stop - c.start if last else c.stop - c.start - overlap
+                if not last:
+                    carry = (crops[keep:], fade_out(overlap)) if overlap else None
+                for i in range(keep):
+                    frame = reader[int(plan.source_map[c.start + i])]
+                    if item.flags[i]:
+                        face = torch.from_numpy(crops[i]).permute(2, 0, 1)[None].float() / 127.5 - 1
+                        face = self.aligner.from_model_size(face)
+                        frame = self.aligner.restore(frame[None], face, torch.from_numpy(item.matrices[i : i + 1]))[0].numpy()
+                    writer.write(frame)
+                    written += 1
+                if progress:
+                    progress(keep)
+        return written
