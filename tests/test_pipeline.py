@@ -52,3 +52,38 @@ def test_bad_inputs_exit_2_and_leave_nothing(clips, tmp_path):
         result = CliRunner().invoke(app, ["run", str(video), str(audio), "-o", str(out), *ARGS])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def gap_clip(clips):
+    """The cut with frames 14..23 covered (no face there)."""
+    out = clips / "gap.mp4"
+    _ffmpeg("-i", str(clips / "v.mp4"), "-vf", "drawbox=enable='between(n,14,23)':x=0:y=0:w=iw:h=ih:color=gray:t=fill", "-c:v", "libx264", str(out))
+    return out
+
+
+def test_frames_without_a_face_pass_through(clips, gap_clip, tmp_path):
+    out = tmp_path / "gap_out.mp4"
+    result = CliRunner().invoke(app, ["run", str(gap_clip), str(clips / "a 'ü'.m4a"), "-o", str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert "10 without a face passed through" in result.output
+    src, dst = FrameReader(gap_clip), FrameReader(out)
+    for i in range(14, 24):
+        assert np.abs(src[i].astype(int) - dst[i].astype(int)).max() <= 8
+    for i in (5, 30):
+        assert (np.abs(src[i].astype(int) - dst[i].astype(int)).max(-1) > 40).sum() > 100
+
+
+def test_video_without_any_face(clips, tmp_path):
+    blank = tmp_path / "blank.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=160x120:r=25", "-t", "1", "-c:v", "libx264", str(blank))
+    out = tmp_path / "o.mp4"
+    result = CliRunner().invoke(app, ["run", str(blank), str(clips / "a 'ü'.m4a"), "-o", str(out), *ARGS])
+    assert result.exit_code == 2 and "no face found" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(
+        app, ["run", str(blank), str(clips / "a 'ü'.m4a"), "-o", str(out), "--on-no-face", "passthrough", *ARGS]
+    )
+    assert result.exit_code == 0, result.output
+    info = probe_video(out)
+    assert info.frames == 40  # the 1 s video ping-pongs to the 1.6 s of audio
