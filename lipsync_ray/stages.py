@@ -103,11 +103,13 @@ class Prepare:
                 pts = np.stack([f.points for f in faces if f is not None])
                 m, _ = self.aligner.estimate(pts, memory=self.cfg.smoothing_memory)
                 matrices[present] = m.numpy()
-                own = [i for i in range(len(faces)) if i >= chunk.start - first and present[i]]
-                if own:
-                    images = np.stack([reader[int(plan.source_map[first + i])] for i in own])
-                    aligned = self.aligner.to_model_size(self.aligner.warp(images, torch.from_numpy(matrices[own])))
-                    crops[[i - (chunk.start - first) for i in own]] = aligned
+                lead = chunk.start - first
+                own = [i for i in range(lead, len(faces)) if present[i]]
+                for g in range(0, len(own), 8):  # a few full frames in memory at a time
+                    group = own[g : g + 8]
+                    images = np.stack([reader[int(plan.source_map[first + i])] for i in group])
+                    warped = self.aligner.warp(images, torch.from_numpy(matrices[group]))
+                    crops[[i - lead for i in group]] = self.aligner.to_model_size(warped)
         flags = present[chunk.start - first :]
         _fill_gaps(crops, flags)
         wave = load_audio(plan.audio)

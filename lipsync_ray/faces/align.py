@@ -86,18 +86,22 @@ class FaceAligner:
         x = torch.as_tensor(frames)
         return x.to(self.device).permute(0, 3, 1, 2).to(self.dtype)
 
-    def warp(self, frames: np.ndarray | torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-        """Aligned face crops (F, face_h, face_w, 3) uint8 from frames (F, H, W, 3) uint8."""
+    def warp(self, frames: np.ndarray | torch.Tensor, matrices: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Aligned face crops (F, face_h, face_w, 3) uint8 from frames (F, H, W, 3) uint8, `batch` frames at a
+        time (a float copy of a 1080p frame is 25 MB)."""
         fill = torch.full((3,), FILL, device=self.device, dtype=self.dtype)
-        crops = kornia.geometry.transform.warp_affine(
-            self._frames(frames),
-            matrices.to(self.device, self.dtype),
-            (self.face_h, self.face_w),
-            mode="bilinear",
-            padding_mode="fill",
-            fill_value=fill,
-        )
-        return crops.permute(0, 2, 3, 1).to(torch.uint8).cpu()
+        out = []
+        for i in range(0, len(frames), batch):
+            crops = kornia.geometry.transform.warp_affine(
+                self._frames(frames[i : i + batch]),
+                matrices[i : i + batch].to(self.device, self.dtype),
+                (self.face_h, self.face_w),
+                mode="bilinear",
+                padding_mode="fill",
+                fill_value=fill,
+            )
+            out.append(crops.permute(0, 2, 3, 1).to(torch.uint8).cpu())
+        return torch.cat(out)
 
     def to_model_size(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
         """LANCZOS4 resize of (F, face_h, face_w, 3) uint8 crops to (F, res, res, 3), as upstream."""
