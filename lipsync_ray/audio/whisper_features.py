@@ -196,11 +196,6 @@ def upstream_num_frames(rows: int) -> int:
     return rows // 2 + 2
 
 
-def audio_frames(rows: int) -> int:
-    """Video frames (25 fps) that the audio actually covers."""
-    return rows // 2
-
-
 def frame_indices(num_frames: int, rows: int) -> torch.Tensor:
     """Feature rows used by each video frame: (num_frames, 10), clamped to the clip."""
     before, after = CONTEXT_ROWS
