@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import feature_rows, frame_indices, mel_ceiling
+from .audio import chunk_features, mel_ceiling
 from .config import LipSyncConfig
 from .diffusion import DiffusionParams, LipSyncDiffusion
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoWriter, load_audio, probe_video
-from .models.presets import checkpoints_root, get_preset, load_components
+from .models.presets import checkpoints_root, get_preset, load_components, load_whisper
 from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
 
 
@@ -82,7 +82,13 @@ class Prepare:
         preset = get_preset(self.cfg.model)
         self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
         self.aligner = FaceAligner(preset.resolution)
-        self.whisper = load_components(self.cfg.model, self.cfg.checkpoints).whisper
+        self.whisper = load_whisper(self.cfg.model, self.cfg.checkpoints)
+        self._audio: tuple[str, np.ndarray] | None = None  # the last audio file decoded: chunks of a video share it
+
+    def _waveform(self, path: str) -> np.ndarray:
+        if self._audio is None or self._audio[0] != path:
+            self._audio = (path, load_audio(path))
+        return self._audio[1]
 
     def __call__(self, plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
         warm = self.cfg.smoothing_memory - 1
@@ -112,13 +118,9 @@ class Prepare:
                     crops[[i - lead for i in group]] = self.aligner.to_model_size(warped)
         flags = present[chunk.start - first :]
         _fill_gaps(crops, flags)
-        wave = load_audio(plan.audio)
-        rows_total = wave.size // 320
-        idx = frame_indices(chunk.stop, rows_total)[chunk.start :]
-        rows = range(int(idx.min()), int(idx.max()) + 1)
-        feats = feature_rows(self.whisper, wave, rows, self.cfg.audio_mode, plan.ceiling)
-        picked = feats[idx - rows.start]
-        audio = picked.reshape(n, -1, picked.shape[-1])
+        audio = chunk_features(
+            self.whisper, self._waveform(plan.audio), range(chunk.start, chunk.stop), self.cfg.audio_mode, plan.ceiling
+        )
         return PreparedChunk(chunk, crops, matrices[chunk.start - first :], flags, audio)
 
 

@@ -77,3 +77,11 @@ def test_a_chunk_gets_exactly_the_whole_clips_rows(encoder, long_waveform, mode)
         torch.testing.assert_close(part, whole[rows.start : rows.stop], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         feature_rows(encoder, long_waveform, range(1600, 1700), mode=mode)
+
+
+def test_chunk_features_equal_the_whole_clips_frames(encoder, long_waveform):
+    from lipsync_ray.audio import chunk_features, mel_ceiling
+
+    whole = feature_array(encoder, long_waveform)
+    part = chunk_features(encoder, long_waveform, range(740, 761), ceiling=mel_ceiling(long_waveform))
+    torch.testing.assert_close(part, frame_features(whole, range(740, 761)), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 from .whisper_features import (
+    chunk_features,
     feature_rows,
     mel_ceiling,
     SAMPLE_RATE,
@@ -12,6 +13,7 @@ from .whisper_features import (
 )
 
 __all__ = [
+    "chunk_features",
     "feature_rows",
     "mel_ceiling",
     "SAMPLE_RATE",

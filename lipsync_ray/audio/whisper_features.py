@@ -205,9 +205,24 @@ def frame_indices(num_frames: int, rows: int) -> torch.Tensor:
     return (centre + offsets).clamp(0, rows - 1)
 
 
+def _flatten(picked: torch.Tensor) -> torch.Tensor:
+    """(F, 10, layers, C) -> (F, 10 * layers, C), time-major then layer-minor as upstream."""
+    return picked.reshape(picked.shape[0], -1, picked.shape[-1])
+
+
 def frame_features(features: torch.Tensor, frames: torch.Tensor | range | list[int]) -> torch.Tensor:
     """Per-frame conditioning for the given 25 fps frame numbers: (len(frames), 10 * layers, C)."""
     frames = torch.as_tensor(list(frames) if not torch.is_tensor(frames) else frames)
     idx = frame_indices(int(frames.max()) + 1 if len(frames) else 0, features.shape[0])[frames]
-    picked = features[idx]  # (F, 10, layers, C)
-    return picked.reshape(picked.shape[0], -1, picked.shape[-1])
+    return _flatten(features[idx])
+
+
+def chunk_features(
+    encoder: WhisperFeatureEncoder, waveform, frames: range, mode: AudioMode = "seamless", ceiling: float | None = None
+) -> torch.Tensor:
+    """Per-frame conditioning for a run of 25 fps frames, encoding only the rows those frames use: equal to
+    `frame_features(feature_array(...), frames)` given the clip's `ceiling`."""
+    total_rows = _as_audio(waveform).numel() // HOP // 2
+    idx = frame_indices(frames.stop, total_rows)[frames.start :]
+    rows = range(int(idx.min()), int(idx.max()) + 1)
+    return _flatten(feature_rows(encoder, waveform, rows, mode, ceiling)[idx - rows.start])

@@ -129,6 +129,17 @@ def build_random_components(preset: ModelPreset, seed: int = 0) -> Components:
     return Components(preset, unet.eval(), vae.eval(), whisper.eval(), scheduler_config())
 
 
+def load_whisper(model: str | ModelPreset, root: str | Path | None = None) -> WhisperFeatureEncoder:
+    """Only the audio encoder, for CPU workers that need no U-Net or VAE."""
+    preset = model if isinstance(model, ModelPreset) else get_preset(model)
+    if preset.random_weights:
+        return build_random_components(preset).whisper
+    path = checkpoints_root(root) / "whisper" / "tiny.pt"
+    if not path.exists():
+        raise _missing("whisper tiny", path)
+    return WhisperFeatureEncoder.from_checkpoint(path)
+
+
 def load_components(model: str | ModelPreset, root: str | Path | None = None) -> Components:
     """Load a preset's published weights from the checkpoints root (strict), or build tiny-random."""
     preset = model if isinstance(model, ModelPreset) else get_preset(model)
@@ -143,5 +154,4 @@ def load_components(model: str | ModelPreset, root: str | Path | None = None) ->
         unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
     unet.load_checkpoint(unet_file)
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    whisper = WhisperFeatureEncoder.from_checkpoint(whisper_file)
-    return Components(preset, unet.eval(), vae.eval(), whisper, scheduler_config())
+    return Components(preset, unet.eval(), vae.eval(), load_whisper(preset, root), scheduler_config())
