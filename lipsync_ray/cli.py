@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,48 +14,44 @@ app = typer.Typer(
     add_completion=False,
 )
 
+# Model and generation options shared by every command; each maps to a LipSyncConfig field of the same name.
+Model = Annotated[str, typer.Option(help="latentsync-1.5 (256 px), latentsync-1.6 (512 px), tiny-random, or a U-Net .pt path.")]
+Resolution = Annotated[Optional[int], typer.Option(help="Face size in px (256 or 512) (default: the model's own).")]
+Steps = Annotated[int, typer.Option(help="Denoising steps.")]
+Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
+Seed = Annotated[int, typer.Option(help="Seed of the initial noise.")]
+Scheduler = Annotated[str, typer.Option(help="ddim (upstream) or dpm++.")]
+DeepCacheOpt = Annotated[int, typer.Option("--deepcache", help="DeepCache interval: 0 off, 3 = upstream's speed-up.")]
+Face = Annotated[str, typer.Option(help="Face to follow: largest, or its size rank (0 = largest).")]
+OnNoFace = Annotated[str, typer.Option(help="A video with no face at all: error, or passthrough (keep it).")]
+Detector = Annotated[str, typer.Option(help="auto (insightface when present, else offline), insightface, offline.")]
+AudioMode = Annotated[str, typer.Option(help="seamless, or upstream (hard 30 s Whisper windows).")]
+Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 
-@app.callback()
-def main() -> None:
-    """lipsync-ray: LatentSync lip-sync at cluster scale."""
 
-
-@app.command()
-def run(
-    video: Path = typer.Argument(..., help="Talking-head video (any container, fps and resolution)."),
-    audio: Path = typer.Argument(..., help="Target speech (any audio or video file; converted to 16 kHz mono)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output .mp4 (H.264 + AAC); written atomically."),
-    model: str = typer.Option("latentsync-1.6", help="latentsync-1.5 (256 px), latentsync-1.6 (512 px) or tiny-random."),
-    steps: int = typer.Option(20, help="Denoising steps."),
-    guidance: float = typer.Option(1.5, help="Classifier-free guidance scale (1 = off)."),
-    seed: int = typer.Option(1247, help="Seed of the initial noise."),
-    scheduler: str = typer.Option("ddim", help="ddim (upstream) or dpm++."),
-    face: str = typer.Option("largest", help="Face to follow: largest, or its size rank (0 = largest)."),
-    on_no_face: str = typer.Option("error", help="A video with no face at all: error, or passthrough (keep it)."),
-    detector: str = typer.Option("auto", help="auto (insightface when present, else offline), insightface, offline."),
-    audio_mode: str = typer.Option("seamless", help="seamless, or upstream (hard 30 s Whisper windows)."),
-    checkpoints: Optional[Path] = typer.Option(None, help="Checkpoints folder [default: ./checkpoints]."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-) -> None:
-    """Lip-sync VIDEO to AUDIO and write OUTPUT. Exit codes: 0 ok, 2 bad input or missing weights."""
+def make_config(**options):
+    """LipSyncConfig from command options; a bad value exits 2 with the option's name."""
     from pydantic import ValidationError
 
     from .config import LipSyncConfig
-    from .media import MediaError
 
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
     try:
-        cfg = LipSyncConfig(
-            model=model, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, face=face,
-            on_no_face=on_no_face, detector=detector, audio_mode=audio_mode,
-            checkpoints=str(checkpoints) if checkpoints else None, device=device,
-        )
+        cfg = LipSyncConfig(**options)
     except ValidationError as err:
-        typer.echo(f"error: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", err=True)
+        first = err.errors()[0]
+        typer.echo(f"error: --{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", err=True)
         raise typer.Exit(2)
     if cfg.model == "tiny-random":
         typer.echo("warning: tiny-random has random weights and produces meaningless mouths", err=True)
+    return cfg
+
+
+def _run_one(cfg, video: Path, audio: Path, output: Path) -> None:
     from rich.progress import Progress
 
+    from .media import MediaError
     from .pipeline import LipSyncPipeline
 
     try:
@@ -75,10 +71,70 @@ def run(
     )
 
 
+@app.callback()
+def main() -> None:
+    """lipsync-ray: LatentSync lip-sync at cluster scale."""
+
+
+@app.command()
+def run(
+    video: Annotated[Path, typer.Argument(help="Talking-head video (any container, fps and resolution).")],
+    audio: Annotated[Path, typer.Argument(help="Target speech (any audio or video file; converted to 16 kHz mono).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .mp4 (H.264 + AAC); written atomically.")],
+    model: Model = "latentsync-1.6",
+    resolution: Resolution = None,
+    steps: Steps = 20,
+    guidance: Guidance = 1.5,
+    seed: Seed = 1247,
+    scheduler: Scheduler = "ddim",
+    deepcache: DeepCacheOpt = 0,
+    face: Face = "largest",
+    on_no_face: OnNoFace = "error",
+    detector: Detector = "auto",
+    audio_mode: AudioMode = "seamless",
+    checkpoints: Checkpoints = None,
+    device: Device = "auto",
+) -> None:
+    """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
+
+    Exit codes: 0 ok, 2 bad input, bad option or missing weights.
+    """
+    options = dict(locals())
+    del options["video"], options["audio"], options["output"]
+    _run_one(make_config(**options), video, audio, output)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")] = Path("demo.mp4"),
+    version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 or 1.6.")] = "1.6",
+    checkpoints: Checkpoints = None,
+    device: Device = "auto",
+) -> None:
+    """Lip-sync the bundled 3 s sample. Uses the real LatentSync checkpoints when present or downloadable,
+    otherwise tiny-random (random weights: the mouth moves, but is not meaningful)."""
+    from importlib import resources
+
+    from .models.download import DownloadError, download as fetch
+
+    model = f"latentsync-{version}"
+    try:
+        fetch(version, checkpoints)
+    except (DownloadError, ValueError) as err:
+        typer.echo(f"warning: real checkpoints unavailable ({str(err).split('. ')[0]}); using tiny-random", err=True)
+        model = "tiny-random"
+    sample = resources.files("lipsync_ray").joinpath("data/demo")
+    cfg = make_config(
+        model=model, checkpoints=checkpoints, device=device, detector="auto" if model != "tiny-random" else "offline",
+        steps=20 if model != "tiny-random" else 4,
+    )
+    _run_one(cfg, Path(str(sample / "video.mp4")), Path(str(sample / "audio.m4a")), output)
+
+
 @app.command()
 def download(
-    version: str = typer.Option("1.6", "--version", "-v", help="LatentSync version: 1.5 (256 px) or 1.6 (512 px)."),
-    root: Optional[Path] = typer.Option(None, help="Checkpoints folder [default: ./checkpoints or $LIPSYNC_CHECKPOINTS]."),
+    version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 (256 px) or 1.6 (512 px).")] = "1.6",
+    root: Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints or $LIPSYNC_CHECKPOINTS).")] = None,
 ) -> None:
     """Download the published LatentSync checkpoints, whisper tiny, the VAE and insightface buffalo_l."""
     from .models.download import DownloadError, download as fetch

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionParams
+    from .models.presets import ModelPreset
 
 
 class LipSyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("latentsync-1.6", description="latentsync-1.5, latentsync-1.6 or tiny-random")
+    model: str = Field("latentsync-1.6", description="latentsync-1.5, latentsync-1.6, tiny-random or a U-Net .pt path")
+    resolution: Literal[128, 256, 512] | None = Field(None, description="face size; default the model's own")
     checkpoints: str | None = Field(None, description="checkpoints folder (default ./checkpoints)")
     steps: int = Field(20, ge=1, le=200)
     guidance: float = Field(1.5, ge=1.0, le=20.0)
     seed: int = 1247
     scheduler: Literal["ddim", "dpm++"] = "ddim"
+    deepcache: int = Field(0, ge=0, le=10, description="DeepCache interval: 0 off, 3 as upstream's --enable_deepcache")
     audio_mode: Literal["seamless", "upstream"] = "seamless"
     detector: Literal["auto", "insightface", "offline"] = "auto"
     face: str = Field("largest", description="largest, or the rank by size (0 = largest) of the face to follow")
@@ -33,6 +39,18 @@ class LipSyncConfig(BaseModel):
         if self.face != "largest" and not self.face.isdigit():
             raise ValueError(f"face must be 'largest' or a number, got {self.face!r}")
         return self
+
+    def preset(self) -> "ModelPreset":
+        from .models.presets import get_preset
+
+        return get_preset(self.model, self.resolution)
+
+    def diffusion_params(self) -> "DiffusionParams":
+        from .diffusion import DiffusionParams
+
+        return DiffusionParams(
+            self.steps, self.guidance, self.seed, self.scheduler, self.windows_per_batch, self.deepcache
+        )
 
     def resolved_device(self) -> str:
         if self.device != "auto":

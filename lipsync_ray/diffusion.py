@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.presets import VAE_SCALING, Components, make_scheduler
+from .models.unet import DeepCache
 from .plan import Window, window_weights
 
 
@@ -40,6 +41,7 @@ class DiffusionParams:
     seed: int = 1247
     scheduler: str = "ddim"
     windows_per_batch: int = 4
+    deepcache: int = 0  # DeepCache interval (0 = off; upstream's --enable_deepcache uses 3)
 
 
 class LipSyncDiffusion:
@@ -113,10 +115,11 @@ class LipSyncDiffusion:
         scheduler = make_scheduler(params.scheduler)
         scheduler.set_timesteps(params.steps, device=self.device)
         latents = self.initial_noise(params.seed).expand(n, 4, f, -1, -1).clone() * scheduler.init_noise_sigma
+        cache = DeepCache(params.deepcache) if params.deepcache > 1 else None
         for t in scheduler.timesteps:
             x = torch.cat([latents, latents]) if guided else latents
             x = torch.cat([scheduler.scale_model_input(x, t), cond], 1)
-            eps = self.c.unet(x, t, encoder_hidden_states=tokens).sample
+            eps = self.c.unet(x, t, encoder_hidden_states=tokens, cache=cache).sample
             if guided:
                 uncond, text = eps.chunk(2)
                 eps = uncond + params.guidance * (text - uncond)

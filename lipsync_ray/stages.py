@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .audio import chunk_features, mel_ceiling
 from .config import LipSyncConfig
-from .diffusion import DiffusionParams, LipSyncDiffusion
+from .diffusion import LipSyncDiffusion
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoWriter, load_audio, probe_video
-from .models.presets import checkpoints_root, get_preset, load_components, load_whisper
+from .models.presets import checkpoints_root, load_components, load_whisper
 from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
 
 
@@ -79,10 +80,10 @@ class Prepare:
         self.cfg = cfg
 
     def setup(self) -> None:
-        preset = get_preset(self.cfg.model)
+        preset = self.cfg.preset()
         self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
         self.aligner = FaceAligner(preset.resolution)
-        self.whisper = load_whisper(self.cfg.model, self.cfg.checkpoints)
+        self.whisper = load_whisper(preset, self.cfg.checkpoints)
         self._audio: tuple[str, np.ndarray] | None = None  # the last audio file decoded: chunks of a video share it
 
     def _waveform(self, path: str) -> np.ndarray:
@@ -145,11 +146,9 @@ class Generate:
     def setup(self) -> None:
         device = self.cfg.resolved_device()
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        components = load_components(self.cfg.model, self.cfg.checkpoints).to(device, dtype)
+        components = load_components(self.cfg.preset(), self.cfg.checkpoints).to(device, dtype)
         self.diffusion = LipSyncDiffusion(components, device, dtype)
-        self.params = DiffusionParams(
-            self.cfg.steps, self.cfg.guidance, self.cfg.seed, self.cfg.scheduler, self.cfg.windows_per_batch
-        )
+        self.params = self.cfg.diffusion_params()
 
     def __call__(self, item: PreparedChunk) -> PreparedChunk:
         if item.flags.any():
@@ -162,8 +161,25 @@ class Generate:
         return item
 
 
+def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Iterator[tuple[int, np.ndarray, bool, np.ndarray]]:
+    """Generated crops of chunks (in chunk order) -> every output frame in order as (frame, crop, has a face,
+    matrix), the frames shared by neighbouring chunks crossfaded from the earlier chunk into the later one."""
+    carry: np.ndarray | None = None  # the previous chunk's crops for the shared frames
+    for item in items:
+        c, crops = item.chunk, item.generated
+        if carry is not None:
+            ramp = fade_out(len(carry))[:, None, None, None]
+            crops = crops.copy()
+            crops[: len(carry)] = np.round(carry * ramp + crops[: len(carry)] * (1 - ramp)).astype(np.uint8)
+        last = c is plan.chunks[-1]
+        keep = c.stop - c.start if last else c.stop - c.start - overlap
+        carry = crops[keep:] if not last and overlap else None
+        for i in range(keep):
+            yield c.start + i, crops[i], bool(item.flags[i]), item.matrices[i]
+
+
 class Compose:
-    """CPU: stitch chunks in frame order (crossfade over shared overlaps), paste back, encode, mux, move."""
+    """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move."""
 
     resources = {"num_cpus": 1}
 
@@ -171,34 +187,20 @@ class Compose:
         self.cfg = cfg
 
     def setup(self) -> None:
-        self.aligner = FaceAligner(get_preset(self.cfg.model).resolution)
+        self.aligner = FaceAligner(self.cfg.preset().resolution)
 
-    def __call__(self, plan: VideoPlan, items, output: str | Path, progress=None) -> int:
+    def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
         """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
-        overlap = self.cfg.window_overlap
         written = 0
-        carry: tuple[np.ndarray, np.ndarray] | None = None  # previous chunk's crops for the shared frames
         with FrameReader(plan.video) as reader, VideoWriter(output, plan.width, plan.height, plan.audio) as writer:
-            for item in items:
-                c, crops = item.chunk, item.generated
-                if carry is not None:  # crossfade the frames shared with the previous chunk
-                    prev, ramp = carry
-                    shared = len(ramp)
-                    mine = 1 - ramp
-                    crops = crops.copy()
-                    crops[:shared] = np.round(prev * ramp[:, None, None, None] + crops[:shared] * mine[:, None, None, None]).astype(np.uint8)
-                last = c is plan.chunks[-1]
-                keep = c.stop - c.start if last else c.stop - c.start - overlap
-                if not last:
-                    carry = (crops[keep:], fade_out(overlap)) if overlap else None
-                for i in range(keep):
-                    frame = reader[int(plan.source_map[c.start + i])]
-                    if item.flags[i]:
-                        face = torch.from_numpy(crops[i]).permute(2, 0, 1)[None].float() / 127.5 - 1
-                        face = self.aligner.from_model_size(face)
-                        frame = self.aligner.restore(frame[None], face, torch.from_numpy(item.matrices[i : i + 1]))[0].numpy()
-                    writer.write(frame)
-                    written += 1
+            for f, crop, has_face, matrix in stitch(plan, items, self.cfg.window_overlap):
+                frame = reader[int(plan.source_map[f])]
+                if has_face:
+                    face = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+                    face = self.aligner.from_model_size(face)
+                    frame = self.aligner.restore(frame[None], face, torch.from_numpy(matrix[None]))[0].numpy()
+                writer.write(frame)
+                written += 1
                 if progress:
-                    progress(keep)
+                    progress(1)
         return written

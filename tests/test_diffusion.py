@@ -8,6 +8,8 @@ from lipsync_ray.plan import chunks, windows
 
 from .conftest import load_fixture
 
+R = get_preset("tiny-random").resolution
+
 
 @pytest.fixture(scope="module")
 def diffusion():
@@ -27,7 +29,7 @@ def test_mask_matches_upstream():
 def test_chunks_reproduce_the_single_run_outside_shared_overlaps(diffusion):
     n, overlap = 36, 4
     rng = np.random.RandomState(0)
-    crops = rng.randint(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+    crops = rng.randint(0, 255, (n, R, R, 3), dtype=np.uint8)
     audio = torch.randn(n, 50, 64, generator=torch.Generator().manual_seed(0))
     params = DiffusionParams(steps=2, windows_per_batch=1)
     whole = diffusion.generate(crops, audio, windows(n, 16, overlap), params, overlap)
@@ -45,13 +47,26 @@ def test_chunks_reproduce_the_single_run_outside_shared_overlaps(diffusion):
         own = [f for f in range(chunk.start, chunk.stop) if f not in shared]
         np.testing.assert_array_equal(out[[f - chunk.start for f in own]], whole[own])
     # the upper face (mask == 1) is the reference's
-    keep = load_mask(256).numpy() > 0.999
+    keep = load_mask(R).numpy() > 0.999
     np.testing.assert_array_equal(whole[:, keep], crops[:, keep])
 
 
 def test_seed_changes_the_result(diffusion):
-    crops = np.full((16, 256, 256, 3), 128, np.uint8)
+    crops = np.full((16, R, R, 3), 128, np.uint8)
     audio = torch.zeros(16, 50, 64)
     a = diffusion.generate(crops, audio, windows(16), DiffusionParams(steps=1, seed=1), 4)
     b = diffusion.generate(crops, audio, windows(16), DiffusionParams(steps=1, seed=2), 4)
     assert not np.array_equal(a, b)
+
+
+def test_deepcache_reuses_deep_features(diffusion):
+    n = 16
+    rng = np.random.RandomState(1)
+    crops = rng.randint(0, 255, (n, R, R, 3), dtype=np.uint8)
+    audio = torch.randn(n, 50, 64, generator=torch.Generator().manual_seed(1))
+    run = lambda interval: diffusion.generate(crops, audio, windows(n), DiffusionParams(steps=4, deepcache=interval), 4)  # noqa: E731
+    exact = run(0)
+    np.testing.assert_array_equal(run(1), exact)  # interval 1 refreshes every step: exact
+    cached = run(3)
+    assert not np.array_equal(cached, exact)
+    assert np.abs(cached.astype(int) - exact.astype(int)).mean() < 20  # an approximation of the same result

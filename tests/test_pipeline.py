@@ -87,3 +87,18 @@ def test_video_without_any_face(clips, tmp_path):
     assert result.exit_code == 0, result.output
     info = probe_video(out)
     assert info.frames == 40  # the 1 s video ping-pongs to the 1.6 s of audio
+
+
+def test_demo_falls_back_to_tiny_random_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIPSYNC_CHECKPOINTS", str(tmp_path / "empty"))
+    out = tmp_path / "demo.mp4"
+    result = CliRunner().invoke(app, ["demo", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "real checkpoints unavailable" in result.output and "meaningless" in result.output
+    info = probe_video(out)
+    assert (info.width, info.height, info.frames, info.has_audio) == (360, 640, 75, True)
+
+
+def test_bad_option_names_the_option(clips, tmp_path):
+    result = CliRunner().invoke(app, ["run", str(clips / "v.mp4"), str(clips / "a 'ü'.m4a"), "-o", str(tmp_path / "o.mp4"), *ARGS, "--resolution", "300"])
+    assert result.exit_code == 2 and "--resolution" in result.output

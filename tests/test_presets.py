@@ -129,3 +129,12 @@ def test_cli_download_offline_exit_code(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["download", "--version", "1.6", "--root", str(tmp_path)])
     assert result.exit_code == 2
     assert "latentsync-1.6/latentsync_unet.pt" in result.output
+
+
+def test_a_checkpoint_path_is_a_model(tmp_path):
+    path = tmp_path / "my_unet.pt"
+    path.write_bytes(b"")
+    preset = get_preset(str(path), resolution=256)
+    assert (preset.resolution, preset.unet_config, preset.unet_path(tmp_path)) == (256, "stage2.yaml", path)
+    assert get_preset(str(path)).resolution == 512
+    assert get_preset("latentsync-1.6", 256).unet_config == "stage2_512.yaml"

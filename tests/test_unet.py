@@ -112,3 +112,21 @@ def test_strict_checkpoint_loading_names_bad_keys(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"state_dict": UNet3DConditionModel.from_config(_tiny_config()).state_dict(), "global_step": 7}, good)
     assert model.load_checkpoint(good) == 7
+
+
+def test_deepcache_shallow_pass_matches_the_full_pass_on_the_same_input():
+    """A reuse step fed the features its own full pass cached must give that full pass's output exactly."""
+    from lipsync_ray.models.unet import DeepCache
+
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel.from_config(load_unet_config("tiny-random.yaml")).eval()
+    x, audio = torch.randn(1, 13, 4, 16, 16), torch.randn(4, 50, 64)
+    cache = DeepCache(interval=2)
+    with torch.no_grad():
+        full = unet(x, 500, audio, cache=cache).sample
+        assert cache.features is not None
+        shallow = unet(x, 500, audio, cache=cache).sample
+        refreshed = unet(x, 500, audio, cache=cache).sample
+    torch.testing.assert_close(shallow, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(refreshed, full, rtol=0, atol=0)
+    assert cache.calls == 3

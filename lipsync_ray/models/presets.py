@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,32 +51,43 @@ class ModelPreset:
     vae_repo: str | None = None
     random_weights: bool = False
     description: str = ""
+    unet_file: str | None = None  # a U-Net checkpoint outside the checkpoints layout (`--model PATH`)
 
     def unet_path(self, root: Path) -> Path:
-        return root / self.name / "latentsync_unet.pt"
+        return Path(self.unet_file) if self.unet_file else root / self.name / "latentsync_unet.pt"
 
+
+UNET_CONFIGS = {256: "stage2.yaml", 512: "stage2_512.yaml"}  # same architecture, trained at 256 / 512 px faces
 
 PRESETS: dict[str, ModelPreset] = {
     "latentsync-1.5": ModelPreset(
-        "latentsync-1.5", 256, "stage2.yaml", "ByteDance/LatentSync-1.5", "stabilityai/sd-vae-ft-mse",
+        "latentsync-1.5", 256, UNET_CONFIGS[256], "ByteDance/LatentSync-1.5", "stabilityai/sd-vae-ft-mse",
         description="LatentSync 1.5, 256 px faces",
     ),
     "latentsync-1.6": ModelPreset(
-        "latentsync-1.6", 512, "stage2_512.yaml", "ByteDance/LatentSync-1.6", "stabilityai/sd-vae-ft-mse",
+        "latentsync-1.6", 512, UNET_CONFIGS[512], "ByteDance/LatentSync-1.6", "stabilityai/sd-vae-ft-mse",
         description="LatentSync 1.6, 512 px faces",
     ),
     "tiny-random": ModelPreset(
-        "tiny-random", 256, "tiny-random.yaml", random_weights=True,
+        "tiny-random", 128, "tiny-random.yaml", random_weights=True,
         description="small random-weight model for tests and smoke runs: produces MEANINGLESS MOUTHS",
     ),
 }
 
 
-def get_preset(name: str) -> ModelPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}") from None
+def get_preset(name: str, resolution: int | None = None) -> ModelPreset:
+    """A named preset, or `name` as the path of a LatentSync U-Net checkpoint (512 px unless `resolution` says).
+    `resolution` overrides the face size the model runs at (each published model is trained at its own)."""
+    if name in PRESETS:
+        preset = PRESETS[name]
+        return replace(preset, resolution=resolution) if resolution else preset
+    if Path(name).is_file():
+        res = resolution or 512
+        return ModelPreset(
+            Path(name).stem, res, UNET_CONFIGS[res], vae_repo="stabilityai/sd-vae-ft-mse", unet_file=str(name),
+            description=f"U-Net checkpoint {name}",
+        )
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)} or the path of a U-Net checkpoint")
 
 
 @dataclass
@@ -90,9 +101,10 @@ class Components:
     scheduler_config: dict[str, Any]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Components":
-        self.unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
-        self.whisper.to(device=device, dtype=dtype)
+        for model in (self.unet, self.vae, self.whisper):
+            model.to(device)
+            if next(model.parameters()).dtype != dtype:  # diffusers warns on every cast, even a no-op one
+                model.to(dtype=dtype)
         return self
 
 

@@ -128,8 +128,10 @@ class UpBlock(_Block):
         super().__init__(cfg, resnet_in, out_ch, cross, motion, heads)
         self.upsamplers = None if last else nn.ModuleList([Upsample3D(out_ch)])
 
-    def forward(self, x, skips, temb, context, upsample_size=None):
-        for i in range(len(self.resnets)):
+    def forward(self, x, skips, temb, context, upsample_size=None, first: int = 0, cache: "DeepCache | None" = None):
+        for i in range(first, len(self.resnets)):
+            if cache is not None and i == cache.layer(self):
+                cache.features = x
             x = torch.cat([x, skips.pop()], dim=1)
             x = self.layer(i, x, temb, context)
         if self.upsamplers is not None:
@@ -153,6 +155,27 @@ class MidBlock(nn.Module):
         if self.motion_modules is not None:
             x = self.motion_modules[0](x)
         return self.resnets[1](x, temb)
+
+
+@dataclass
+class DeepCache:
+    """DeepCache (Ma et al., CVPR 2024) at branch 0, as upstream's `DeepCacheSDHelper(cache_interval=3,
+    cache_branch_id=0)`: every `interval`-th U-Net call runs in full and keeps the features entering the last up
+    block's layer that takes the first down layer's skip; the calls in between reuse them and run only conv_in,
+    that first down layer, the last up block's last two layers and conv_out. One instance per denoising loop."""
+
+    interval: int = 3
+    calls: int = 0
+    features: torch.Tensor | None = None
+
+    @staticmethod
+    def layer(block: "UpBlock") -> int:
+        return len(block.resnets) - 2
+
+    def reuse(self) -> bool:
+        reuse = self.features is not None and self.calls % self.interval != 0
+        self.calls += 1
+        return reuse
 
 
 class UNet3DConditionModel(nn.Module):
@@ -260,6 +283,7 @@ class UNet3DConditionModel(nn.Module):
         timestep: int | float | torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
+        cache: DeepCache | None = None,
     ) -> UNet3DOutput | tuple[torch.Tensor]:
         if sample.ndim != 5:
             raise ValueError(f"sample must be (batch, channels, frames, height, width), got {tuple(sample.shape)}")
@@ -276,19 +300,26 @@ class UNet3DConditionModel(nn.Module):
 
         temb = self._embed_time(timestep, b, sample.dtype)
         x = self.conv_in(sample)
+        if cache is not None and cache.reuse():
+            last = self.up_blocks[-1]
+            first = self.down_blocks[0].layer(0, x, temb, context)
+            x = last(cache.features, [x, first], temb, context, first=cache.layer(last))
+        else:
+            x = self._full(x, temb, context, cache)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return UNet3DOutput(sample=x) if return_dict else (x,)
+
+    def _full(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, cache: DeepCache | None):
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, temb, context)
             skips += s
         x = self.mid_block(x, temb, context)
 
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             # upsample to the next skip's size, which also handles inputs not divisible by the total downsampling
             size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
-            x = block(x, mine, temb, context, size)
-
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return UNet3DOutput(sample=x) if return_dict else (x,)
-
+            x = block(x, mine, temb, context, size, cache=cache if block is self.up_blocks[-1] else None)
+        return x
