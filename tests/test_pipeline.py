@@ -23,6 +23,7 @@ def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
     _ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-t", "2.4", "-vf", "scale=270:480", "-c:v", "libx264", "-an", str(d / "v.mp4"))
     _ffmpeg("-i", str(DATA / "demo1_audio.wav"), "-t", "1.6", "-ar", "44100", "-ac", "2", str(d / "a 'ü'.m4a"))
+    _ffmpeg("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "1", str(d / "silent.wav"))
     return d
 
 
@@ -48,6 +49,8 @@ def test_bad_inputs_exit_2_and_leave_nothing(clips, tmp_path):
     for video, audio, message in [
         (tmp_path / "missing.mp4", clips / "a 'ü'.m4a", "no such file"),
         (DATA / "ddim_scheduler.json", clips / "a 'ü'.m4a", "ddim_scheduler.json"),
+        (clips / "a 'ü'.m4a", clips / "a 'ü'.m4a", "no video stream"),
+        (clips / "v.mp4", clips / "silent.wav", "silent"),
     ]:
         result = CliRunner().invoke(app, ["run", str(video), str(audio), "-o", str(out), *ARGS])
         assert result.exit_code == 2 and message in result.output, result.output
