@@ -28,6 +28,7 @@ Detector = Annotated[str, typer.Option(help="auto (insightface when present, els
 AudioMode = Annotated[str, typer.Option(help="seamless, or upstream (hard 30 s Whisper windows).")]
 Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
 
 
 def make_config(**options):
@@ -94,6 +95,7 @@ def run(
     audio_mode: AudioMode = "seamless",
     checkpoints: Checkpoints = None,
     device: Device = "auto",
+    windows_per_chunk: WindowsPerChunk = 8,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 
@@ -102,6 +104,98 @@ def run(
     options = dict(locals())
     del options["video"], options["audio"], options["output"]
     _run_one(make_config(**options), video, audio, output)
+
+
+def _pair(text: str, option: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split(","))
+        return low, high
+    except ValueError:
+        typer.echo(f"error: {option}: expected MIN,MAX, got {text!r}", err=True)
+        raise typer.Exit(2) from None
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address` or $RAY_ADDRESS; without either, start Ray embedded on this machine."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local cluster on 127.0.0.1
+        ray.init(address="local")
+
+
+@app.command()
+def batch(
+    catalog: Annotated[str, typer.Option(help="Catalog URL (.parquet, .csv or .jsonl): columns video, audio (and optionally id, output, per-row options).")],
+    output: Annotated[str, typer.Option(help="Output prefix URL: <id>.mp4 files and manifest.parquet.")],
+    model: Model = "latentsync-1.6",
+    resolution: Resolution = None,
+    steps: Steps = 20,
+    guidance: Guidance = 1.5,
+    seed: Seed = 1247,
+    scheduler: Scheduler = "ddim",
+    deepcache: DeepCacheOpt = 0,
+    face: Face = "largest",
+    on_no_face: OnNoFace = "error",
+    detector: Detector = "auto",
+    audio_mode: AudioMode = "seamless",
+    checkpoints: Checkpoints = None,
+    windows_per_chunk: WindowsPerChunk = 8,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
+    prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
+    generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",
+    chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = 2,
+    storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
+) -> None:
+    """Lip-sync every row of a video catalog on a Ray cluster, writing outputs and a manifest under OUTPUT.
+
+    Reruns skip videos whose output exists and reuse finished chunks. Exit codes: 0 all videos ok or skipped,
+    1 some failed (see the manifest), 2 bad catalog or options.
+    """
+    options = dict(locals())
+    import json
+
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from .batch import BatchConfig, run_batch
+    from .catalog import CatalogError
+
+    job_keys = ("catalog", "output", "gpu", "prepare_actors", "generate_actors", "chunks_per_batch", "storage_options", "address")
+    job_options = {k: options.pop(k) for k in job_keys}
+    cfg = make_config(**options)
+    try:
+        job = BatchConfig(
+            catalog=catalog, output=output, pipeline=cfg, gpu=gpu, chunks_per_batch=chunks_per_batch,
+            prepare_actors=_pair(prepare_actors, "--prepare-actors"), generate_actors=_pair(generate_actors, "--generate-actors"),
+            storage_options=json.loads(job_options["storage_options"] or "{}"),
+        )
+    except (ValidationError, json.JSONDecodeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    connect_ray(address)
+    console = Console(stderr=True)
+    try:
+        manifest = run_batch(job, on_video=lambda m: console.print(f"{m.status:8} {m.id}  {m.error or m.output}"))
+    except CatalogError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    table = Table("id", "status", "frames", "seconds", "output / error")
+    for m in manifest:
+        table.add_row(m.id, m.status, str(m.frames), f"{m.prepare_s + m.generate_s + m.compose_s:.1f}", m.error or m.output)
+    Console().print(table)
+    counts = {s: sum(m.status == s for m in manifest) for s in ("ok", "skipped", "failed")}
+    typer.echo(f"{len(manifest)} videos: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; manifest {job.manifest_url}")
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoWriter, load_audio, probe_video
 from .models.presets import checkpoints_root, load_components, load_whisper
 from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
+from .storage import InputCache
 
 
 class NoFaceError(MediaError):
@@ -39,9 +40,15 @@ class VideoPlan:
     height: int
 
 
-def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig) -> VideoPlan:
-    info = probe_video(video)
-    wave = load_audio(audio)
+def local_path(inputs: InputCache | None, url: str | Path) -> str:
+    """Stages read inputs through an InputCache when they may be remote (the Ray job), directly otherwise."""
+    return inputs.local(str(url)) if inputs is not None else str(url)
+
+
+def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig, inputs: InputCache | None = None) -> VideoPlan:
+    """The frame map and chunks of one video; `video` and `audio` may be URLs when `inputs` is given."""
+    info = probe_video(local_path(inputs, video))
+    wave = load_audio(local_path(inputs, audio))
     n_out = output_frame_count(wave.size)
     source_map = source_frame_map(n_out, info.frames, float(info.fps))
     return VideoPlan(
@@ -76,8 +83,8 @@ class Prepare:
 
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg: LipSyncConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None):
+        self.cfg, self.inputs = cfg, inputs
 
     def setup(self) -> None:
         preset = self.cfg.preset()
@@ -88,18 +95,20 @@ class Prepare:
 
     def _waveform(self, path: str) -> np.ndarray:
         if self._audio is None or self._audio[0] != path:
-            self._audio = (path, load_audio(path))
+            self._audio = (path, load_audio(local_path(self.inputs, path)))
         return self._audio[1]
 
-    def __call__(self, plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
+    def __call__(self, plan: VideoPlan, chunk: Chunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
+        """`cfg` may override the face choice of the stage's own config (per-video parameters)."""
+        face_policy = (cfg or self.cfg).face
         warm = self.cfg.smoothing_memory - 1
         first = max(0, chunk.start - warm)
         frames = range(first, chunk.stop)
         faces: list[Face | None] = []
         previous = None
-        with FrameReader(plan.video) as reader:
+        with FrameReader(local_path(self.inputs, plan.video)) as reader:
             for f in frames:
-                face = _choose(self.detector.detect(reader[int(plan.source_map[f])]), previous, self.cfg.face)
+                face = _choose(self.detector.detect(reader[int(plan.source_map[f])]), previous, face_policy)
                 faces.append(face)
                 previous = face or previous
             present = np.array([f is not None for f in faces])
@@ -150,11 +159,13 @@ class Generate:
         self.diffusion = LipSyncDiffusion(components, device, dtype)
         self.params = self.cfg.diffusion_params()
 
-    def __call__(self, item: PreparedChunk) -> PreparedChunk:
+    def __call__(self, item: PreparedChunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
+        """`cfg` may override the generation parameters (steps, guidance, seed, scheduler, DeepCache)."""
         if item.flags.any():
             c = item.chunk
+            params = cfg.diffusion_params() if cfg is not None else self.params
             item.generated = self.diffusion.generate(
-                item.crops, item.audio, list(c.windows), self.params, self.cfg.window_overlap, offset=c.start
+                item.crops, item.audio, list(c.windows), params, self.cfg.window_overlap, offset=c.start
             )
         else:
             item.generated = item.crops
@@ -183,8 +194,8 @@ class Compose:
 
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg: LipSyncConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None):
+        self.cfg, self.inputs = cfg, inputs
 
     def setup(self) -> None:
         self.aligner = FaceAligner(self.cfg.preset().resolution)
@@ -192,7 +203,8 @@ class Compose:
     def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
         """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
         written = 0
-        with FrameReader(plan.video) as reader, VideoWriter(output, plan.width, plan.height, plan.audio) as writer:
+        video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
+        with FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer:
             for f, crop, has_face, matrix in stitch(plan, items, self.cfg.window_overlap):
                 frame = reader[int(plan.source_map[f])]
                 if has_face:

@@ -1,5 +1,8 @@
+import os
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,3 +16,51 @@ def load_fixture(name: str):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
+
+
+# source frame number drawn as a white mark in a 16 px band above the picture (see marks_shown)
+MARK = "pad=iw:ih+16:0:16:black,format=yuv420p,geq=lum='if(lt(Y\\,16)\\,if(between(X\\,4*N\\,4*N+3)\\,255\\,0)\\,lum(X\\,Y))':cb='cb(X,Y)':cr='cr(X,Y)'"
+
+
+def marks_shown(path) -> list[int]:
+    """The source frame number each frame of a video made from a MARK-ed source shows."""
+    from lipsync_ray.media import iter_frames
+
+    shown = []
+    for frame in iter_frames(path):
+        band = frame[2:14].mean((0, 2))
+        shown.append(round((np.flatnonzero(band > 128).mean() - 1.5) / 4))
+    return shown
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1; credentials and endpoint reach every process through
+    the standard AWS_* variables, as they would on a cluster."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One local Ray cluster on 127.0.0.1 for the whole session (started after the S3 variables are set)."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,330 @@
+"""The bulk job: a catalog of videos through Ray Data, the same stages as `lipsync-ray run`.
+
+    catalog rows --plan (tasks)--> chunk rows --Prepare (CPU actor pool)--> face crops + audio tokens
+        --Generate (GPU actor pool, CPU when the job has no GPU)--> generated crops, staged under <output>/.staging
+        --driver: a video's chunks all staged--> Compose (a CPU task per video): stitch, paste back, encode, upload
+
+Why this shape:
+- Only face crops and audio tokens travel through the object store (a 256 px chunk of 100 frames is ~20 MB);
+  full frames are decoded again where they are needed, so 1080p video never sits in the object store.
+- Generated chunks are staged as objects keyed by (video, chunk, parameters): a rerun skips finished videos and
+  reuses finished chunks of unfinished ones, and the driver only sees small status rows.
+- Composing a video is one task that streams frames to the encoder once all its chunks are staged, so finished
+  videos appear while others are still in the pipeline and memory stays bounded per chunk, not per video.
+- A failing video (missing object, corrupt file, no face, a failing chunk) becomes a `failed` manifest row; the
+  rest of the job goes on. Actors that die are restarted and their tasks retried (Ray Data's defaults for actor
+  pools); a Compose task is retried up to three times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import storage
+from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
+from .config import LipSyncConfig
+from .media import MediaError
+from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, plan_video
+
+
+class BatchConfig(BaseModel):
+    """The bulk job: where things are, how the actor pools scale, and the pipeline's own config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: str
+    output: str
+    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
+    gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
+    prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
+    generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
+    chunks_per_batch: int = Field(2, ge=1, description="chunks per Generate call")
+    prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
+
+    @property
+    def manifest_url(self) -> str:
+        return storage.join(self.output, "manifest.parquet")
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _video_config(base: LipSyncConfig, params: dict[str, Any]) -> LipSyncConfig:
+    return LipSyncConfig.model_validate({**base.model_dump(), **params})
+
+
+def _stage_prefix(job: BatchConfig, row: CatalogRow, cfg: LipSyncConfig) -> str:
+    """Where a video's generated chunks wait for Compose; the key changes with anything that changes them."""
+    key = hashlib.sha1(json.dumps([row.video, row.audio, cfg.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    return storage.join(job.output, ".staging", f"{row.id}-{key}")
+
+
+def _chunk_url(prefix: str, index: int) -> str:
+    return storage.join(prefix, f"chunk-{index:05d}.npz")
+
+
+class _Plans:
+    """Plans of the last few videos a worker saw (chunks of one video arrive close together)."""
+
+    def __init__(self, inputs: storage.InputCache):
+        self.inputs, self._plans = inputs, {}
+
+    def get(self, row: CatalogRow, cfg: LipSyncConfig) -> VideoPlan:
+        key = (row.video, row.audio)
+        if key not in self._plans:
+            self._plans = dict(list(self._plans.items())[-3:])
+            self._plans[key] = plan_video(row.video, row.audio, cfg, self.inputs)
+        return self._plans[key]
+
+
+def plan_chunks(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
+    """flat_map: one catalog row -> one row per chunk (or one row saying why the video cannot be planned)."""
+    job = BatchConfig.model_validate_json(job_json)
+    row = CatalogRow(**json.loads(record["row"]))
+    inputs = storage.InputCache(job.storage_options)
+    try:
+        cfg = _video_config(job.pipeline, row.params)
+        plan = plan_video(row.video, row.audio, cfg, inputs)
+    except (MediaError, ValueError) as err:
+        return [{"row": record["row"], "chunk": -1, "chunks": 0, "error": str(err)}]
+    finally:
+        inputs.close()
+    return [{"row": record["row"], "chunk": c.index, "chunks": len(plan.chunks), "error": ""} for c in plan.chunks]
+
+
+class PrepareActor:
+    """Ray Data wrapper of Prepare: decode, detect, align and compute audio tokens for each chunk row."""
+
+    def __init__(self, job_json: str):
+        self.job = BatchConfig.model_validate_json(job_json)
+        self.inputs = storage.InputCache(self.job.storage_options)
+        self.stage = Prepare(self.job.pipeline, self.inputs)
+        self.stage.setup()
+        self.plans = _Plans(self.inputs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = defaultdict(list)
+        for record in _rows(batch):
+            row = CatalogRow(**json.loads(record["row"]))
+            payload, error, seconds, reused = b"", record["error"], 0.0, False
+            if not error:
+                cfg = _video_config(self.job.pipeline, row.params)
+                url = _chunk_url(_stage_prefix(self.job, row, cfg), int(record["chunk"]))
+                start = time.perf_counter()
+                try:
+                    reused = storage.exists(url, self.job.storage_options)
+                    if not reused:
+                        plan = self.plans.get(row, cfg)
+                        payload = pickle.dumps(self.stage(plan, plan.chunks[int(record["chunk"])], cfg), protocol=5)
+                except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
+                    error = str(err) if isinstance(err, MediaError) else f"chunk {record['chunk']}: {type(err).__name__}: {err}"
+                seconds = time.perf_counter() - start
+            for k, v in dict(record, payload=payload, error=error, prepare_s=seconds, reused=reused).items():
+                out[k].append(v)
+        return out
+
+
+class GenerateActor:
+    """Ray Data wrapper of Generate: latent diffusion per chunk; results are staged, small rows go on."""
+
+    def __init__(self, job_json: str):
+        self.job = BatchConfig.model_validate_json(job_json)
+        self.stage = Generate(self.job.pipeline)
+        self.stage.setup()
+        self.worker = _worker()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = defaultdict(list)
+        for record in _rows(batch):
+            payload = record.pop("payload")
+            faces, seconds, error = -1, 0.0, record["error"]
+            if payload and not error:
+                row = CatalogRow(**json.loads(record["row"]))
+                cfg = _video_config(self.job.pipeline, row.params)
+                start = time.perf_counter()
+                try:
+                    item: PreparedChunk = self.stage(pickle.loads(payload), cfg)
+                    faces = int(item.flags.sum())
+                    _stage_chunk(item, _chunk_url(_stage_prefix(self.job, row, cfg), item.chunk.index), self.job)
+                except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
+                    error = f"chunk {record['chunk']}: {type(err).__name__}: {err}"
+                seconds = time.perf_counter() - start
+            for k, v in dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker).items():
+                out[k].append(v)
+        return out
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+
+
+def _stage_chunk(item: PreparedChunk, url: str, job: BatchConfig) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, generated=item.generated, flags=item.flags, matrices=item.matrices)
+    storage.write_bytes_atomic(buffer.getvalue(), url, job.storage_options)
+
+
+def _load_chunk(plan: VideoPlan, index: int, url: str, job: BatchConfig) -> PreparedChunk:
+    with np.load(io.BytesIO(storage.read_bytes(url, job.storage_options))) as data:
+        item = PreparedChunk(plan.chunks[index], None, data["matrices"], data["flags"], None)
+        item.generated = data["generated"]
+    return item
+
+
+def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
+    """One video's staged chunks -> the finished mp4 at its output URL (a Ray task, or called directly)."""
+    job = BatchConfig.model_validate_json(job_json)
+    row = CatalogRow(**json.loads(row_json))
+    cfg = _video_config(job.pipeline, row.params)
+    inputs = storage.InputCache(job.storage_options)
+    start = time.perf_counter()
+    try:
+        stage = Compose(cfg, inputs)
+        stage.setup()
+        plan = plan_video(row.video, row.audio, cfg, inputs)
+        prefix = _stage_prefix(job, row, cfg)
+        items = (_load_chunk(plan, c.index, _chunk_url(prefix, c.index), job) for c in plan.chunks)
+        with tempfile.TemporaryDirectory(prefix="lipsync-out-") as tmp:
+            local = os.path.join(tmp, f"{row.id}.mp4")
+            frames = stage(plan, items, local)
+            storage.upload_atomic(local, row.output, job.storage_options)
+        storage.remove_tree(prefix, job.storage_options)
+        return {"frames": frames, "output_seconds": frames / 25, "compose_s": time.perf_counter() - start, "error": ""}
+    except (MediaError, ValueError, OSError, RuntimeError) as err:
+        return {"frames": 0, "output_seconds": 0.0, "compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
+    finally:
+        inputs.close()
+
+
+@dataclass
+class _Video:
+    row: CatalogRow
+    chunks: int = 0
+    seen: int = 0
+    faces: int = 0
+    errors: list[str] = field(default_factory=list)
+    manifest: ManifestRow | None = None
+
+
+def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None) -> list[ManifestRow]:
+    """Run the job on the connected Ray cluster; returns (and writes) the manifest, one row per catalog row."""
+    import ray
+
+    rows = read_catalog(job.catalog, job.output, job.storage_options)
+    videos = {r.id: _Video(r) for r in rows}
+    done: list[ManifestRow] = []
+
+    def finish(v: _Video, status: str, error: str = "", **extra) -> None:
+        v.manifest = ManifestRow(v.row.id, v.row.video, v.row.audio, v.row.output, status, error, **extra)
+        done.append(v.manifest)
+        if on_video:
+            on_video(v.manifest)
+
+    todo = []
+    for v in videos.values():
+        if storage.exists(v.row.output, job.storage_options):
+            finish(v, "skipped", "output exists")
+        else:
+            todo.append({"row": json.dumps(asdict(v.row))})
+    if todo:
+        # one chunk per block, so chunks spread over the actors instead of queueing behind their video's block
+        context = ray.data.DataContext.get_current()
+        block_size, context.target_max_block_size = context.target_max_block_size, 1
+        try:
+            _run_pipeline(job, todo, videos, finish, ray)
+        finally:
+            context.target_max_block_size = block_size
+    order = {r.id: i for i, r in enumerate(rows)}
+    manifest = sorted(done, key=lambda m: order[m.id])
+    write_manifest(manifest, job.manifest_url, job.storage_options)
+    return manifest
+
+
+def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video], finish, ray) -> None:
+    from ray.data import ActorPoolStrategy
+
+    job_json = job.model_dump_json()
+    gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ds.flat_map(plan_chunks, fn_kwargs={"job_json": job_json}, num_cpus=0.5)
+    ds = ds.map_batches(
+        PrepareActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=1, num_cpus=1,
+        memory=job.prepare_memory_gb * 2**30,
+        compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),
+    )
+    ds = ds.map_batches(
+        GenerateActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=job.chunks_per_batch,
+        compute=ActorPoolStrategy(
+            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=1
+        ),
+        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+    )
+    compose = ray.remote(num_cpus=1, max_retries=3)(compose_video)
+    pending: dict[Any, _Video] = {}
+    stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"prepare_s": 0.0, "generate_s": 0.0, "reused": 0, "workers": set()})
+
+    def collect(timeout: float) -> None:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        for ref in ready:
+            v = pending.pop(ref)
+            result = ray.get(ref)
+            s = stats.pop(v.row.id)
+            info = dict(
+                frames=result["frames"], output_seconds=result["output_seconds"], chunks=v.chunks,
+                chunks_reused=s["reused"], prepare_s=s["prepare_s"], generate_s=s["generate_s"],
+                compose_s=result["compose_s"], workers=sorted(s["workers"]),
+            )
+            finish(v, "failed" if result["error"] else "ok", result["error"], **info)
+
+    for record in ds.iter_rows():
+        row = json.loads(record["row"])
+        v = videos[row["id"]]
+        if record["chunk"] < 0:
+            finish(v, "failed", record["error"])
+            continue
+        v.chunks, v.seen = int(record["chunks"]), v.seen + 1
+        s = stats[v.row.id]
+        s["prepare_s"] += float(record["prepare_s"])
+        s["generate_s"] += float(record["generate_s"])
+        s["reused"] += bool(record["reused"])
+        if record["generate_s"]:
+            s["workers"].add(str(record["worker"]))
+        if record["error"]:
+            v.errors.append(str(record["error"]))
+        v.faces += max(int(record["faces"]), 0)
+        if v.seen == v.chunks:
+            _video_complete(job, job_json, v, compose, pending, finish, stats)
+        if pending:
+            collect(0)
+    while pending:
+        collect(None)
+
+
+def _video_complete(job, job_json, v: _Video, compose, pending, finish, stats) -> None:
+    cfg = _video_config(job.pipeline, v.row.params)
+    no_face = v.faces == 0 and not stats[v.row.id]["reused"]  # reused chunks had faces counted last time
+    if v.errors:
+        stats.pop(v.row.id)
+        finish(v, "failed", "; ".join(v.errors[:3]), chunks=v.chunks)
+    elif no_face and cfg.on_no_face == "error":
+        stats.pop(v.row.id)
+        storage.remove_tree(_stage_prefix(job, v.row, cfg), job.storage_options)
+        finish(v, "failed", f"{v.row.video}: no face found in any frame", chunks=v.chunks)
+    else:
+        pending[compose.remote(job_json, json.dumps(asdict(v.row)))] = v

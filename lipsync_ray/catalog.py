@@ -1,0 +1,109 @@
+"""Video catalogs (Parquet, CSV or JSON Lines on any fsspec URL) and the job manifest (Parquet)."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+
+# per-row parameters a catalog may set; the model and its resolution are fixed per job (one model per actor)
+ROW_PARAMETERS = ("steps", "guidance", "seed", "scheduler", "deepcache", "face", "on_no_face")
+
+
+class CatalogError(ValueError):
+    pass
+
+
+@dataclass
+class CatalogRow:
+    id: str
+    video: str
+    audio: str
+    output: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def read_catalog(url: str, output_prefix: str, storage_options: dict[str, Any] | None = None) -> list[CatalogRow]:
+    """Rows of `url` (.parquet, .csv, .jsonl/.json): columns video and audio, optional id, output and any of
+    ROW_PARAMETERS. Outputs default to `<output_prefix>/<id>.mp4`; ids default to the video's file name."""
+    options = {"storage_options": storage_options} if not storage.is_local(url) else {}
+    ext = os.path.splitext(url.rstrip("/"))[1].lower()
+    try:
+        if ext == ".parquet":
+            table = pd.read_parquet(url, **options)
+        elif ext == ".csv":
+            table = pd.read_csv(url, dtype=str, keep_default_na=False, **options)
+        elif ext in (".jsonl", ".json"):
+            table = pd.read_json(url, lines=True, dtype=False, **options)
+        else:
+            raise CatalogError(f"{url}: catalog must be .parquet, .csv or .jsonl")
+    except FileNotFoundError:
+        raise CatalogError(f"{url}: no such catalog") from None
+    missing = {"video", "audio"} - set(table.columns)
+    if missing:
+        raise CatalogError(f"{url}: missing column(s) {', '.join(sorted(missing))} (have {', '.join(table.columns)})")
+    rows = []
+    for record in table.to_dict("records"):
+        present = {k: v for k, v in record.items() if v is not None and v == v and v != ""}  # drop NaN and blanks
+        video = str(present["video"])
+        rid = str(present.get("id") or os.path.splitext(os.path.basename(video))[0])
+        params = {k: _number(present[k]) for k in ROW_PARAMETERS if k in present}
+        output = str(present.get("output") or storage.join(output_prefix, f"{rid}.mp4"))
+        rows.append(CatalogRow(rid, video, str(present["audio"]), output, params))
+    seen: set[str] = set()
+    dupes = {r.id for r in rows if r.id in seen or seen.add(r.id)}
+    if dupes:
+        raise CatalogError(f"{url}: duplicate ids {', '.join(sorted(dupes))} (add an id column)")
+    return rows
+
+
+def _number(value: Any) -> Any:
+    """CSV cells arrive as text; pydantic converts the numeric ones when the config is built."""
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass
+class ManifestRow:
+    id: str
+    video: str
+    audio: str
+    output: str
+    status: str  # ok | failed | skipped
+    error: str = ""
+    frames: int = 0
+    input_seconds: float = 0.0
+    output_seconds: float = 0.0
+    chunks: int = 0
+    chunks_reused: int = 0
+    prepare_s: float = 0.0
+    generate_s: float = 0.0
+    compose_s: float = 0.0
+    workers: list[str] = field(default_factory=list)  # the Generate actors that ran this video's chunks
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [(f, pa.string()) for f in ("id", "video", "audio", "output", "status", "error")]
+    + [("frames", pa.int64())]
+    + [(f, pa.float64()) for f in ("input_seconds", "output_seconds")]
+    + [(f, pa.int64()) for f in ("chunks", "chunks_reused")]
+    + [(f, pa.float64()) for f in ("prepare_s", "generate_s", "compose_s")]
+    + [("workers", pa.list_(pa.string()))]
+)
+
+
+def write_manifest(rows: list[ManifestRow], url: str, storage_options: dict[str, Any] | None = None) -> None:
+    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=MANIFEST_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes_atomic(buffer.getvalue(), url, storage_options)
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options))).to_pandas()

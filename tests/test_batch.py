@@ -1,0 +1,128 @@
+"""The Ray Data bulk job against a real S3-compatible server and a local Ray cluster, with tiny-random."""
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from lipsync_ray.batch import BatchConfig, run_batch
+from lipsync_ray.catalog import read_manifest
+from lipsync_ray.cli import app
+from lipsync_ray.config import LipSyncConfig
+from lipsync_ray.media import FrameReader, probe_video
+from lipsync_ray.plan import source_frame_map
+
+from .conftest import DATA, MARK, ffmpeg, marks_shown
+
+PIPELINE = dict(model="tiny-random", steps=1, detector="offline", windows_per_chunk=1)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint, tmp_path_factory):
+    """s3://media holding real cuts, a corrupt file and a catalog that also names a missing object."""
+    d = tmp_path_factory.mktemp("s3media")
+    cut = lambda src, seconds, out, vf="scale=270:480": ffmpeg("-i", str(DATA / src), "-t", str(seconds), "-vf", vf, "-c:v", "libx264", "-an", str(d / out))  # noqa: E731
+    cut("demo1_video.mp4", 1.6, "short.mp4")
+    cut("demo1_video.mp4", 1.2, "thirty.mp4", "fps=30,scale=270:480")
+    cut("demo1_video.mp4", 2.0, "long.mp4", f"scale=270:480,{MARK}")
+    cut("demo2_video.mp4", 1.2, "other.mp4")
+    for src, seconds, out in [("demo1_audio.wav", 1.6, "a16.wav"), ("demo1_audio.wav", 2.8, "a28.m4a"), ("demo2_audio.wav", 1.2, "b12.wav")]:
+        ffmpeg("-i", str(DATA / src), "-t", str(seconds), str(d / out))
+    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("media")
+    for f in d.iterdir():
+        fs.put_file(str(f), f"media/in/{f.name}")
+    rows = [
+        ("short", "short.mp4", "a16.wav"), ("thirty", "thirty.mp4", "a16.wav"), ("long", "long.mp4", "a28.m4a"),
+        ("other", "other.mp4", "b12.wav"), ("corrupt", "corrupt.mp4", "a16.wav"), ("missing", "nowhere.mp4", "a16.wav"),
+    ]
+    catalog = pd.DataFrame([{"id": i, "video": f"s3://media/in/{v}", "audio": f"s3://media/in/{a}"} for i, v, a in rows])
+    catalog.loc[catalog.id == "other", "output"] = "s3://later/other.mp4"  # a bucket created only before the rerun
+    catalog["steps"] = [1, 1, 6, 1, 1, 1]  # a per-row parameter; the long video's chunks keep both GPU actors busy
+    with fs.open("media/catalog.parquet", "wb") as f:
+        catalog.to_parquet(f)
+    return d
+
+
+def _job(**kw):
+    return BatchConfig(
+        catalog="s3://media/catalog.parquet", output="s3://media/out", pipeline=LipSyncConfig(**PIPELINE),
+        prepare_actors=(2, 2), generate_actors=(2, 2), chunks_per_batch=1, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, bucket):
+    finished = []
+    manifest = run_batch(_job(), on_video=lambda m: finished.append(m.id))
+    return {m.id: m for m in manifest}, finished
+
+
+def _download(url, tmp_path):
+    local = tmp_path / url.rsplit("/", 1)[1]
+    fsspec.filesystem("s3").get_file(url.removeprefix("s3://"), str(local))
+    return local
+
+
+def test_outputs_and_manifest(first_run, tmp_path):
+    manifest, finished = first_run
+    status = {k: m.status for k, m in manifest.items()}
+    assert status == {"short": "ok", "thirty": "ok", "long": "ok", "other": "failed", "corrupt": "failed", "missing": "failed"}
+    assert "corrupt.mp4" in manifest["corrupt"].error
+    assert "s3://media/in/nowhere.mp4: no such object" in manifest["missing"].error
+    assert "s3://later/other.mp4" in manifest["other"].error
+    stored = read_manifest("s3://media/out/manifest.parquet").set_index("id")
+    assert list(stored.index) == ["short", "thirty", "long", "other", "corrupt", "missing"]
+    assert stored.loc["long", "status"] == "ok" and stored.loc["long", "frames"] == 70
+    for vid, frames in [("short", 40), ("thirty", 40), ("long", 70)]:
+        m = manifest[vid]
+        assert m.frames == frames and m.output == f"s3://media/out/{vid}.mp4" and m.generate_s > 0
+        info = probe_video(_download(m.output, tmp_path))
+        assert (info.fps, info.frames, info.width, info.has_audio) == (25, frames, 270, True)
+    assert fsspec.filesystem("s3").ls("media/out") == [f"media/out/{n}" for n in (".staging", "long.mp4", "manifest.parquet", "short.mp4", "thirty.mp4")]
+    assert finished.index("short") < len(finished) - 1  # videos finish one by one, not all at the end
+
+
+def test_long_video_frames_are_exact_and_spread_over_actors(first_run, tmp_path):
+    manifest, _ = first_run
+    long = manifest["long"]
+    assert long.chunks >= 3 and len(long.workers) >= 2, long
+    shown = marks_shown(_download(long.output, tmp_path))
+    np.testing.assert_array_equal(shown, source_frame_map(70, 50, 25.0))  # no frame repeated or dropped
+
+
+def test_rerun_skips_finished_videos_and_reuses_finished_chunks(first_run, ray_local):
+    fsspec.filesystem("s3").mkdir("later")
+    manifest = {m.id: m for m in run_batch(_job())}
+    assert {k: m.status for k, m in manifest.items()} == {
+        "short": "skipped", "thirty": "skipped", "long": "skipped", "other": "ok", "corrupt": "failed", "missing": "failed",
+    }
+    other = manifest["other"]
+    assert other.chunks_reused == other.chunks == first_run[0]["other"].chunks  # only compose ran again
+    assert other.generate_s == 0 and other.frames == 30
+
+
+def test_batch_and_run_give_the_same_frames(first_run, bucket, tmp_path):
+    out = tmp_path / "run.mp4"
+    args = ["--model", "tiny-random", "--steps", "6", "--detector", "offline", "--windows-per-chunk", "1"]
+    result = CliRunner().invoke(app, ["run", str(bucket / "long.mp4"), str(bucket / "a28.m4a"), "-o", str(out), *args])
+    assert result.exit_code == 0, result.output
+    batch = _download(first_run[0]["long"].output, tmp_path)
+    with FrameReader(out) as a, FrameReader(batch) as b:
+        assert a.frames == b.frames == 70
+        for i in range(70):
+            np.testing.assert_array_equal(a[i], b[i])
+
+
+def test_cli_batch_on_local_files(ray_local, bucket, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text(f"video,audio,seed\n{bucket / 'short.mp4'},{bucket / 'a16.wav'},7\n{bucket / 'nope.mp4'},{bucket / 'a16.wav'},7\n")
+    args = ["--model", "tiny-random", "--steps", "1", "--detector", "offline", "--prepare-actors", "1,1", "--generate-actors", "1,1"]
+    result = CliRunner().invoke(app, ["batch", "--catalog", str(catalog), "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code == 1, result.output  # one video failed
+    assert "2 videos: 1 ok, 0 skipped, 1 failed" in result.output
+    assert probe_video(tmp_path / "out" / "short.mp4").frames == 40
+    bad = CliRunner().invoke(app, ["batch", "--catalog", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"), *args])
+    assert bad.exit_code == 2 and "none.csv: no such catalog" in bad.output
