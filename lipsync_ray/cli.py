@@ -199,6 +199,49 @@ def batch(
 
 
 @app.command()
+def serve(
+    model: Model = "latentsync-1.6",
+    resolution: Resolution = None,
+    steps: Steps = 20,
+    detector: Detector = "auto",
+    checkpoints: Checkpoints = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate replicas take a GPU each (default: if this machine has one).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require this X-API-Key header (default: $LIPSYNC_API_KEY, else open).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
+) -> None:
+    """Serve the HTTP API (POST /v1/lipsync, /v1/jobs; docs at /docs) until Ctrl-C or SIGTERM."""
+    options = dict(locals())
+    import signal
+    import threading
+
+    import ray
+    from ray import serve as ray_serve
+
+    from .serve import ServeConfig, build_app
+
+    server = {k: options.pop(k) for k in ("host", "port", "gpu", "api_key", "address")}
+    cfg = make_config(**options)
+    if server["gpu"] is None:
+        import torch
+
+        server["gpu"] = torch.cuda.is_available()
+    connect_ray(server["address"])
+    config = ServeConfig(pipeline=cfg, gpu=server["gpu"], api_key=server["api_key"])
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(build_app(config.model_dump()), name="lipsync", route_prefix="/", blocking=False)
+    typer.echo(f"lipsync-ray serving on http://{host}:{port} (docs at /docs); Ctrl-C stops")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    typer.echo("stopping")
+    ray_serve.shutdown()
+    ray.shutdown()
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")] = Path("demo.mp4"),
     version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 or 1.6.")] = "1.6",

@@ -47,7 +47,7 @@ class LipSyncPipeline:
                 item = self.generate(self.prepare(plan, chunk))
                 counts["faces"] += int(item.flags.sum())
                 counts["faceless"] += int((~item.flags).sum())
-                if chunk is plan.chunks[-1] and counts["faces"] == 0 and self.cfg.on_no_face == "error":
+                if chunk.index == plan.chunks[-1].index and counts["faces"] == 0 and self.cfg.on_no_face == "error":
                     raise NoFaceError(f"{video}: no face found in any frame (use --on-no-face passthrough to keep it)")
                 yield item
 

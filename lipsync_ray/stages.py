@@ -182,7 +182,7 @@ def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Ite
             ramp = fade_out(len(carry))[:, None, None, None]
             crops = crops.copy()
             crops[: len(carry)] = np.round(carry * ramp + crops[: len(carry)] * (1 - ramp)).astype(np.uint8)
-        last = c is plan.chunks[-1]
+        last = c.index == plan.chunks[-1].index  # items may be copies (from other processes)
         keep = c.stop - c.start if last else c.stop - c.start - overlap
         carry = crops[keep:] if not last and overlap else None
         for i in range(keep):

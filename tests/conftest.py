@@ -1,5 +1,6 @@
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,14 @@ def ray_local(s3_endpoint):
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def cli_run_like_a_ray_worker(*args: str) -> None:
+    """`lipsync-ray run` with one CPU thread, as Ray runs a 1-CPU actor (OMP_NUM_THREADS=1): float reductions
+    then happen in the same order, so its frames can be compared bit for bit with the Ray job's and Serve's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "lipsync_ray.cli", "run", *args], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

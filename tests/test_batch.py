@@ -13,7 +13,7 @@ from lipsync_ray.config import LipSyncConfig
 from lipsync_ray.media import FrameReader, probe_video
 from lipsync_ray.plan import source_frame_map
 
-from .conftest import DATA, MARK, ffmpeg, marks_shown
+from .conftest import DATA, MARK, cli_run_like_a_ray_worker, ffmpeg, marks_shown
 
 PIPELINE = dict(model="tiny-random", steps=1, detector="offline", windows_per_chunk=1)
 
@@ -107,8 +107,7 @@ def test_rerun_skips_finished_videos_and_reuses_finished_chunks(first_run, ray_l
 def test_batch_and_run_give_the_same_frames(first_run, bucket, tmp_path):
     out = tmp_path / "run.mp4"
     args = ["--model", "tiny-random", "--steps", "6", "--detector", "offline", "--windows-per-chunk", "1"]
-    result = CliRunner().invoke(app, ["run", str(bucket / "long.mp4"), str(bucket / "a28.m4a"), "-o", str(out), *args])
-    assert result.exit_code == 0, result.output
+    cli_run_like_a_ray_worker(str(bucket / "long.mp4"), str(bucket / "a28.m4a"), "-o", str(out), *args)
     batch = _download(first_run[0]["long"].output, tmp_path)
     with FrameReader(out) as a, FrameReader(batch) as b:
         assert a.frames == b.frames == 70

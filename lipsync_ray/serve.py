@@ -1,0 +1,435 @@
+"""Ray Serve app: online lip-sync with the stages of the bulk job.
+
+    client --HTTP--> LipSyncAPI (ingress, CPU: limits, plan, compose)
+                       |-- per chunk, all chunks at once --> PrepareDeployment (CPU) --> GenerateDeployment (GPU)
+                       `-- stitch, paste back, encode in the ingress; the mp4 (or its URL) goes back
+
+A request's chunks fan out over the Prepare and Generate replicas in parallel and come back to the same stitching
+as `lipsync-ray run`, so a request gives the same frames as the CLI for the same input and seed. Overload is
+answered with 503 and Retry-After by Serve's bounded queues; bad input with a 4xx JSON error naming the field.
+`build_app(args)` is the import path that `serve deploy`, KubeRay's RayService and `lipsync-ray serve` use.
+"""
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+from starlette.background import BackgroundTask
+
+from . import storage
+from .config import LipSyncConfig
+from .media import MediaError, probe_video
+from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video
+
+
+class ServeConfig(BaseModel):
+    """Everything the Serve app takes (the `args` of the serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    api_key: str | None = Field(None, description="required X-API-Key header; default $LIPSYNC_API_KEY, unset = open")
+    max_upload_bytes: int = Field(200 * 2**20, description="per uploaded or fetched file")
+    max_sync_seconds: float = Field(60.0, description="longest output (audio) for POST /v1/lipsync; longer: /v1/jobs")
+    max_job_seconds: float = Field(600.0, description="longest output for POST /v1/jobs")
+    max_pixels: int = Field(3840 * 2160, description="largest video frame (width x height)")
+    output_prefix: str | None = Field(None, description="async results are uploaded here and returned as URLs")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    work_dir: str | None = Field(None, description="temporary files (default: the system temp dir)")
+    gpu: bool = Field(True, description="Generate replicas take one GPU each")
+    prepare_replicas: tuple[int, int] = (1, 4)
+    generate_replicas: tuple[int, int] = (1, 4)
+    max_ongoing_requests: int = Field(4, description="requests one ingress replica works on at once")
+    max_queued_requests: int = Field(8, description="requests waiting beyond that; more get 503 + Retry-After")
+    retry_after_s: int = 5
+
+
+class InputError(Exception):
+    """A client error: HTTP `status` with the offending `field` named."""
+
+    def __init__(self, status: int, field_name: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field_name, message
+
+
+def _error(status: int, field_name: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status)
+
+
+class _LocalInputs:
+    """Inputs shipped as bytes (ObjectRefs) and written once per replica, keyed by their digest."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="lipsync-serve-"))
+        self._recent: list[Path] = []
+
+    def path(self, name: str, digest: str, data: bytes | None) -> str:
+        target = self.root / digest / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            self._recent.append(target.parent)
+            for old in self._recent[:-8]:
+                shutil.rmtree(old, ignore_errors=True)
+            self._recent = self._recent[-8:]
+        return str(target)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class PrepareDeployment:
+    """Serve wrapper of Prepare: one chunk per call."""
+
+    def __init__(self, pipeline: dict):
+        self.cfg = LipSyncConfig.model_validate(pipeline)
+        self.stage = Prepare(self.cfg)
+        self.stage.setup()
+        self.inputs = _LocalInputs()
+        self.plans: dict[str, Any] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def prepare(self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict) -> PreparedChunk:
+        cfg = LipSyncConfig.model_validate({**self.cfg.model_dump(), **params})
+        paths = [self.inputs.path(*item) for item in (video, audio)]
+        key = video[1] + audio[1]
+        if key not in self.plans:
+            self.plans = {key: plan_video(*paths, cfg)}  # chunks of one request arrive together
+        plan = self.plans[key]
+        return self.stage(plan, plan.chunks[chunk], cfg)
+
+
+@serve.deployment(ray_actor_options={"num_gpus": 1, "num_cpus": 1})
+class GenerateDeployment:
+    """Serve wrapper of Generate: latent diffusion for one chunk per call."""
+
+    def __init__(self, pipeline: dict):
+        self.cfg = LipSyncConfig.model_validate(pipeline)
+        self.stage = Generate(self.cfg)
+        self.stage.setup()
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, item: PreparedChunk, params: dict) -> PreparedChunk:
+        return self.stage(item, LipSyncConfig.model_validate({**self.cfg.model_dump(), **params}))
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    video_url: str
+    audio_url: str
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=1.0, le=20.0)
+    seed: int | None = None
+    face: str | None = None
+
+
+@dataclass
+class _Job:
+    id: str
+    status: str = "queued"  # queued | running | done | failed
+    frames_done: int = 0
+    frames_total: int = 0
+    error: dict | None = None
+    result: str | None = None  # a local path, or a URL when output_prefix is set
+    created: float = field(default_factory=time.time)
+
+
+api = FastAPI(title="lipsync-ray", description="Lip-sync a talking-head clip to new audio (LatentSync on Ray Serve).")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query")]
+    return _error(422, ".".join(loc) or "body", first.get("msg", "invalid request"))
+
+
+def _shipment(path: str) -> tuple[str, str, bytes]:
+    """(file name, digest, bytes): what a Prepare replica on any node needs to recreate the input."""
+    data = Path(path).read_bytes()
+    return Path(path).name, hashlib.sha1(data).hexdigest()[:16], data
+
+
+# Serve pickles the deployment classes when they are decorated: everything they use is defined above them.
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class LipSyncAPI:
+    def __init__(self, config: dict, prepare, generate):
+        self.config = ServeConfig.model_validate(config)
+        self.api_key = self.config.api_key or os.environ.get("LIPSYNC_API_KEY") or None
+        self.prepare, self.generate = prepare, generate
+        self.work = Path(tempfile.mkdtemp(prefix="lipsync-requests-", dir=self.config.work_dir))
+        self.compose = Compose(self.config.pipeline)
+        self.compose.setup()
+        self.jobs: dict[str, _Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.requests = Counter("lipsync_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
+        self.latency = Histogram(
+            "lipsync_request_seconds", "request latency", boundaries=[1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("route",)
+        )
+        self.fps = Histogram("lipsync_frames_per_second", "output frames per second of a request", boundaries=[1, 2, 5, 10, 20, 40, 80, 160])
+
+    # --- probes -----------------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(asyncio.gather(self.prepare.ready.remote(), self.generate.ready.remote()), timeout=5)
+        except Exception as err:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"ready": False, "error": type(err).__name__}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    # --- sync -------------------------------------------------------------------------------------------
+    @api.post("/v1/lipsync", response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}}})
+    async def lipsync(self, request: Request):
+        """Multipart `video` and `audio` files, or JSON `video_url` and `audio_url`; optional steps, guidance,
+        seed and face (form fields or JSON). Returns the lip-synced mp4."""
+        start = time.perf_counter()
+        folder = self.work / uuid.uuid4().hex
+        folder.mkdir()
+        try:
+            self._authorise(request)
+            video, audio, params = await self._inputs(request, folder)
+            out = folder / "out.mp4"
+            frames = await self._run(video, audio, params, out, self.config.max_sync_seconds, None)
+        except InputError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.requests.inc(tags={"route": "lipsync", "status": str(err.status)})
+            return _error(err.status, err.field, err.message)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        self.requests.inc(tags={"route": "lipsync", "status": "200"})
+        self.latency.observe(seconds, tags={"route": "lipsync"})
+        self.fps.observe(frames / seconds)
+        return FileResponse(
+            out, media_type="video/mp4", filename="lipsync.mp4",
+            headers={"X-Frames": str(frames), "X-Seconds": f"{seconds:.2f}"},
+            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+        )
+
+    # --- async ------------------------------------------------------------------------------------------
+    @api.post("/v1/jobs", status_code=202)
+    async def submit(self, request: Request):
+        """Same inputs as /v1/lipsync, for clips up to `max_job_seconds`; returns {"id": ...} at once."""
+        job = _Job(uuid.uuid4().hex)
+        folder = self.work / job.id
+        folder.mkdir()
+        try:
+            self._authorise(request)
+            video, audio, params = await self._inputs(request, folder)
+            await asyncio.to_thread(self._check_media, video, audio, self.config.max_job_seconds)
+        except InputError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.requests.inc(tags={"route": "jobs", "status": str(err.status)})
+            return _error(err.status, err.field, err.message)
+        self._expire()
+        self.jobs[job.id] = job
+        task = asyncio.get_running_loop().create_task(self._job(job, video, audio, params, folder))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.requests.inc(tags={"route": "jobs", "status": "202"})
+        return {"id": job.id, "status": job.status}
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job_status(self, job_id: str, request: Request):
+        try:
+            self._authorise(request)
+            job = self._job_or_404(job_id)
+        except InputError as err:
+            return _error(err.status, err.field, err.message)
+        progress = job.frames_done / job.frames_total if job.frames_total else 0.0
+        return {"id": job.id, "status": job.status, "progress": round(progress, 3), "frames": job.frames_total, "error": job.error}
+
+    @api.get("/v1/jobs/{job_id}/result", response_model=None)
+    async def job_result(self, job_id: str, request: Request):
+        try:
+            self._authorise(request)
+            job = self._job_or_404(job_id)
+        except InputError as err:
+            return _error(err.status, err.field, err.message)
+        if job.status != "done":
+            return JSONResponse({"id": job.id, "status": job.status, "error": job.error}, status_code=409 if job.status != "failed" else 422)
+        if self.config.output_prefix:
+            return {"id": job.id, "url": job.result}
+        return FileResponse(job.result, media_type="video/mp4", filename=f"{job.id}.mp4")
+
+    async def _job(self, job: _Job, video: str, audio: str, params: dict, folder: Path) -> None:
+        job.status = "running"
+        try:
+            out = folder / "out.mp4"
+            await self._run(video, audio, params, out, self.config.max_job_seconds, job)
+            if self.config.output_prefix:
+                url = storage.join(self.config.output_prefix, f"{job.id}.mp4")
+                await asyncio.to_thread(storage.upload_atomic, out, url, self.config.storage_options)
+                job.result = url
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                job.result = str(out)
+            job.status = "done"
+        except InputError as err:
+            job.status, job.error = "failed", {"field": err.field, "message": err.message}
+            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as err:  # noqa: BLE001 - the job fails, the replica lives on
+            job.status, job.error = "failed", {"field": "", "message": f"{type(err).__name__}: {err}"}
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --- the work ---------------------------------------------------------------------------------------
+    async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: _Job | None) -> int:
+        cfg = LipSyncConfig.model_validate({**self.config.pipeline.model_dump(), **params})
+        plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
+        if job:
+            job.frames_total = plan.n_out
+        shipped = (await asyncio.to_thread(_shipment, video), await asyncio.to_thread(_shipment, audio))
+
+        async def one(index: int) -> PreparedChunk:
+            prepared = await self.prepare.prepare.remote(*shipped, index, params)
+            return await self.generate.generate.remote(prepared, params)
+
+        items = await asyncio.gather(*(one(c.index) for c in plan.chunks))
+        if not any(item.flags.any() for item in items) and cfg.on_no_face == "error":
+            raise InputError(422, "video", f"video/{Path(video).name}: no face found in any frame")
+
+        def progress(n: int) -> None:
+            if job:
+                job.frames_done += n
+
+        try:
+            return await asyncio.to_thread(self.compose, plan, items, out, progress)
+        except MediaError as err:  # a stream that probes fine but does not decode
+            raise InputError(422, "video", str(err).replace(str(Path(video).parents[1]) + "/", "")) from None
+
+    def _check_media(self, video: str, audio: str, max_seconds: float, cfg: LipSyncConfig | None = None):
+        folder = str(Path(video).parents[1]) + "/"  # errors name the client's file, not our folders
+        try:
+            info = probe_video(video)
+        except MediaError as err:
+            raise InputError(422, "video", str(err).replace(folder, "")) from None
+        if info.width * info.height > self.config.max_pixels:
+            raise InputError(413, "video", f"{info.width}x{info.height} is larger than {self.config.max_pixels} pixels")
+        try:
+            plan = plan_video(video, audio, cfg or self.config.pipeline)
+        except MediaError as err:
+            raise InputError(422, "audio", str(err).replace(folder, "")) from None
+        if plan.n_out / 25 > max_seconds:
+            raise InputError(413, "audio", f"{plan.n_out / 25:.1f} s of output is longer than the {max_seconds:.0f} s allowed here")
+        return plan
+
+    def _expire(self, keep_s: float = 3600) -> None:
+        """Finished jobs and their files are kept for an hour."""
+        now = time.time()
+        for job in [j for j in self.jobs.values() if j.status in ("done", "failed") and now - j.created > keep_s]:
+            shutil.rmtree(self.work / job.id, ignore_errors=True)
+            del self.jobs[job.id]
+
+    def _authorise(self, request: Request) -> None:
+        if self.api_key and request.headers.get("x-api-key") != self.api_key:
+            raise InputError(401, "X-API-Key", "missing or wrong API key")
+
+    def _job_or_404(self, job_id: str) -> _Job:
+        if job_id not in self.jobs:
+            raise InputError(404, "id", f"no job {job_id}")
+        return self.jobs[job_id]
+
+    async def _inputs(self, request: Request, folder: Path) -> tuple[str, str, dict]:
+        """Save the two inputs under `folder` (uploads or URLs) and collect the per-request parameters."""
+        limit = self.config.max_upload_bytes
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            paths = []
+            for name in ("video", "audio"):
+                upload = form.get(name)
+                if upload is None or not hasattr(upload, "read"):
+                    raise InputError(422, name, "missing file field")
+                data = await upload.read()
+                if len(data) > limit:
+                    raise InputError(413, name, f"{len(data)} bytes is more than the {limit} allowed")
+                path = folder / name / (Path(upload.filename or name).name[-100:] or name)  # the client's name
+                path.parent.mkdir()
+                path.write_bytes(data)
+                paths.append(str(path))
+            raw = {k: v for k, v in form.items() if k not in ("video", "audio")}
+        else:
+            try:
+                body = JobRequest.model_validate(await request.json())
+            except ValueError as err:
+                errors = getattr(err, "errors", lambda: [{"loc": ["body"], "msg": "expected multipart files or a JSON body"}])()
+                raise InputError(422, ".".join(map(str, errors[0]["loc"])) or "body", errors[0]["msg"]) from None
+            paths = [
+                await asyncio.to_thread(self._fetch, url, folder / name, name, limit)
+                for name, url in (("video", body.video_url), ("audio", body.audio_url))
+            ]
+            raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
+        return paths[0], paths[1], self._params(raw)
+
+    def _fetch(self, url: str, target: Path, name: str, limit: int) -> str:
+        if storage.is_local(url):
+            raise InputError(422, f"{name}_url", f"{url}: only remote URLs (s3://, gs://, https://...) are fetched")
+        try:
+            fs, path = storage.filesystem(url, self.config.storage_options)
+            size = fs.size(path)
+            if size is not None and size > limit:
+                raise InputError(413, f"{name}_url", f"{url}: {size} bytes is more than the {limit} allowed")
+            target.mkdir()
+            local = target / Path(path).name[-100:]
+            fs.get_file(path, str(local))
+            return str(local)
+        except FileNotFoundError:
+            raise InputError(422, f"{name}_url", f"{url}: no such object") from None
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - unknown protocol, unreachable host, bad bucket
+            raise InputError(422, f"{name}_url", f"{url}: cannot be fetched ({type(err).__name__})") from None
+
+    def _params(self, raw: dict) -> dict:
+        allowed = {"steps", "guidance", "seed", "face"}
+        unknown = set(raw) - allowed
+        if unknown:
+            raise InputError(422, sorted(unknown)[0], "unknown parameter")
+        try:
+            merged = LipSyncConfig.model_validate({**self.config.pipeline.model_dump(), **raw})
+        except ValueError as err:
+            first = err.errors()[0]
+            raise InputError(422, ".".join(map(str, first["loc"])) or "body", first["msg"]) from None
+        return {k: getattr(merged, k) for k in raw}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run/deploy`, KubeRay's RayService and `lipsync-ray serve`."""
+    config = ServeConfig.model_validate(args or {})
+    pipeline = config.pipeline.model_dump()
+
+    def autoscaling(replicas: tuple[int, int]) -> dict:
+        return {"min_replicas": replicas[0], "max_replicas": replicas[1], "target_ongoing_requests": 2}
+
+    prepare = PrepareDeployment.options(
+        autoscaling_config=autoscaling(config.prepare_replicas), max_ongoing_requests=4
+    ).bind(pipeline)
+    generate = GenerateDeployment.options(
+        autoscaling_config=autoscaling(config.generate_replicas), max_ongoing_requests=2,
+        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if config.gpu else {"num_cpus": 1},
+    ).bind(pipeline)
+    return LipSyncAPI.options(
+        max_ongoing_requests=config.max_ongoing_requests, max_queued_requests=config.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": config.retry_after_s},
+    ).bind(config.model_dump(), prepare, generate)
