@@ -9,6 +9,10 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 
+# test clusters run on 127.0.0.1 and without Ray 2.60's token auth (it turns itself on once ~/.ray/auth_token exists); set before ray loads
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every test cluster binds 127.0.0.1
+
 
 def load_fixture(name: str):
     return torch.load(DATA / name, weights_only=True)
@@ -61,7 +65,6 @@ def ray_local(s3_endpoint):
     """One local Ray cluster on 127.0.0.1 for the whole session (started after the S3 variables are set)."""
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
