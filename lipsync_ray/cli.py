@@ -127,7 +127,8 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local cluster on 127.0.0.1
-        ray.init(address="local")
+        # at least 4 logical CPUs, so the CPU stages, the GPU stage and composing all get a slot on small machines
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
 @app.command()

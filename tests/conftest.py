@@ -60,9 +60,10 @@ def s3_endpoint():
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_endpoint):
-    """One local Ray cluster on 127.0.0.1 for the whole session (started after the S3 variables are set)."""
+    """A local Ray cluster on 127.0.0.1 per test module (started after the S3 variables are set; gone before
+    the cluster tests start clusters of their own)."""
     import ray
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
