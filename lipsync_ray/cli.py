@@ -232,10 +232,10 @@ def serve(
     config = ServeConfig(pipeline=cfg, gpu=server["gpu"], api_key=server["api_key"])
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(build_app(config.model_dump()), name="lipsync", route_prefix="/", blocking=False)
-    typer.echo(f"lipsync-ray serving on http://{host}:{port} (docs at /docs); Ctrl-C stops")
-    stop = threading.Event()
+    stop = threading.Event()  # after Serve started: Ray's native handlers would otherwise abort on SIGTERM
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    typer.echo(f"lipsync-ray serving on http://{host}:{port} (docs at /docs); Ctrl-C stops")
     stop.wait()
     typer.echo("stopping")
     ray_serve.shutdown()

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,18 +189,19 @@ def test_cli_serve_starts_and_stops_on_sigterm(tmp_path):
         [sys.executable, "-m", "lipsync_ray.cli", "serve", "--model", "tiny-random", "--detector", "offline", "--no-gpu", "--port", str(port)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        for _ in range(180):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
+        for _ in range(240):  # the command says when it serves
+            if any("lipsync-ray serving on" in line for line in lines):
+                break
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
     finally:
         proc.kill()
-    assert "stopping" in proc.stdout.read()
+    time.sleep(0.5)
+    assert any("stopping" in line for line in lines)
