@@ -219,7 +219,6 @@ class _Video:
     seen: int = 0
     faces: int = 0
     errors: list[str] = field(default_factory=list)
-    manifest: ManifestRow | None = None
 
 
 def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None) -> list[ManifestRow]:
@@ -231,10 +230,10 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
     done: list[ManifestRow] = []
 
     def finish(v: _Video, status: str, error: str = "", **extra) -> None:
-        v.manifest = ManifestRow(v.row.id, v.row.video, v.row.audio, v.row.output, status, error, **extra)
-        done.append(v.manifest)
+        row = ManifestRow(v.row.id, v.row.video, v.row.audio, v.row.output, status, error, **extra)
+        done.append(row)
         if on_video:
-            on_video(v.manifest)
+            on_video(row)
 
     todo = []
     for v in videos.values():

@@ -65,7 +65,8 @@ def read_catalog(url: str, output_prefix: str, storage_options: dict[str, Any] |
 
 
 def _number(value: Any) -> Any:
-    """CSV cells arrive as text; pydantic converts the numeric ones when the config is built."""
+    """Plain Python values for the JSON that carries rows to workers (Parquet cells arrive as numpy scalars;
+    CSV text is converted by pydantic when the config is built)."""
     return value.item() if hasattr(value, "item") else value
 
 
