@@ -3,10 +3,12 @@
 Real-size LatentSync architecture with random weights (same FLOPs as the checkpoints), fp16, one chunk of
 `--windows` 16-frame windows with 4-frame overlaps, `--per-batch` windows per U-Net call. Prints frames/s of the
 stage, U-Net TFLOP/s and share of the dense fp16 peak and peak GPU memory, at 256 and 512 px,
-with and without DeepCache. Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 fps at 256 (DeepCache),
-3.23 / 5.38 at 512; its U-Net at 142 / 190 TFLOP/s.
+with and without DeepCache, eager and torch.compile'd. Then the output's precision against an fp32 run (max and
+mean difference in uint8 levels over one window's generated crops, same inputs and noise).
+Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 fps at 256 (DeepCache), 3.23 / 5.38 at 512; its U-Net
+at 142 / 190 TFLOP/s; 5.2 GiB of GPU memory at 256 (one window per U-Net call).
 
-    python benchmarks/diffusion_stage.py [--windows 8] [--per-batch 4 8] [--peak 989]
+    python benchmarks/diffusion_stage.py [--windows 8] [--per-batch 1 4 8] [--compiled-per-batch 4] [--peak 989]
 """
 
 from __future__ import annotations
@@ -27,21 +29,24 @@ UPSTREAM_FPS = {(256, 0): 7.54, (256, 3): 11.42, (512, 0): 3.23, (512, 3): 5.38}
 
 
 @functools.lru_cache(maxsize=1)
-def _diffusion(model: str) -> LipSyncDiffusion:
-    components = build_random_components(get_preset(model)).to("cuda", torch.float16)
-    return LipSyncDiffusion(components, "cuda", torch.float16)
+def _diffusion(model: str, dtype: torch.dtype = torch.float16, compile: bool = False) -> LipSyncDiffusion:
+    components = build_random_components(get_preset(model)).to("cuda", dtype)
+    return LipSyncDiffusion(components, "cuda", dtype, compile=compile)
 
 
-def run(model: str, n_windows: int, per_batch: int, deepcache: int, peak: float) -> dict:
-    preset = get_preset(model)
-    diffusion = _diffusion(model)
+def _inputs(res: int, n: int):
+    crops = np.random.RandomState(0).randint(0, 255, (n, res, res, 3), dtype=np.uint8)
+    return crops, torch.randn(n, 50, 384, generator=torch.Generator().manual_seed(0))
+
+
+def run(model: str, n_windows: int, per_batch: int, deepcache: int, compile: bool, peak: float) -> dict:
+    diffusion = _diffusion(model, compile=compile)
     wins = windows(n_windows * 12 + 4, 16, 4)
     n = wins[-1].stop
-    res = preset.resolution
-    crops = np.random.RandomState(0).randint(0, 255, (n, res, res, 3), dtype=np.uint8)
-    audio = torch.randn(n, 50, 384)
+    res = diffusion.resolution
+    crops, audio = _inputs(res, n)
     params = DiffusionParams(20, 1.5, 1247, "ddim", per_batch, deepcache)
-    diffusion.generate(crops[: wins[0].stop], audio[: wins[0].stop], wins[:1], params, 4)  # warm-up
+    diffusion.generate(crops, audio, wins, params, 4)  # warm-up (compiles every batch shape of the run)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -58,24 +63,46 @@ def run(model: str, n_windows: int, per_batch: int, deepcache: int, peak: float)
     }
 
 
+def precision(model: str, compile: bool) -> list[tuple[str, float, float]]:
+    """uint8 differences of one window's output from fp16 (eager, compiled) and bf16 against fp32."""
+    res = get_preset(model).resolution
+    crops, audio = _inputs(res, 16)
+    wins = windows(16, 16, 4)
+    params = DiffusionParams(20, 1.5, 1247, "ddim", 1, 0)
+    out = {}
+    variants = [("fp32", torch.float32, False), ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False)]
+    variants += [("fp16 compiled", torch.float16, True)] if compile else []
+    for name, dtype, comp in variants:
+        out[name] = _diffusion(model, dtype, comp).generate(crops, audio, wins, params, 4).astype(np.int16)
+    ref = out.pop("fp32")
+    return [(name, float(np.abs(x - ref).max()), float(np.abs(x - ref).mean())) for name, x in out.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--per-batch", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100 SXM: 989)")
+    parser.add_argument("--per-batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--compiled-per-batch", type=int, nargs="*", default=[4], help="windows/call of compiled runs")
+    parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
+    parser.add_argument("--models", nargs="+", default=["latentsync-1.5-random", "latentsync-1.6-random"])
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
-    print("| res | DeepCache | windows/call | frames | stage fps | upstream e2e fps | UNet TFLOP/s | of peak | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for model in ("latentsync-1.5", "latentsync-1.6"):
-        for deepcache in (0, 3):
-            for per_batch in args.per_batch:
-                r = run(model, args.windows, per_batch, deepcache, args.peak)
+    print("| res | DeepCache | compile | windows/call | frames | stage fps | upstream e2e fps | UNet TFLOP/s | of peak | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        runs = [(False, pb) for pb in args.per_batch] + [(True, pb) for pb in args.compiled_per_batch]
+        for compile, per_batch in runs:
+            for deepcache in (0, 3):
+                r = run(model, args.windows, per_batch, deepcache, compile, args.peak)
                 print(
-                    f"| {r['res']} | {r['deepcache'] or 'off'} | {per_batch} | {r['frames']} | {r['fps']:.1f} | {r['upstream']} "
-                    f"| {r['tflops']:.0f} | {r['peak_share']:.0%} | {r['gpu_gib']:.2f} |", flush=True
+                    f"| {r['res']} | {r['deepcache'] or 'off'} | {'on' if compile else 'off'} | {per_batch} | {r['frames']} "
+                    f"| {r['fps']:.1f} | {r['upstream']} | {r['tflops']:.0f} | {r['peak_share']:.0%} | {r['gpu_gib']:.2f} |",
+                    flush=True,
                 )
                 torch.cuda.empty_cache()
+    print("\n| model | precision | max uint8 diff vs fp32 | mean uint8 diff vs fp32 |\n|---|---|---|---|")
+    for name, worst, mean in precision(args.models[0], bool(args.compiled_per_batch)):
+        print(f"| {args.models[0]} | {name} | {worst:.0f} | {mean:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

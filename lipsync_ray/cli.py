@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Model and generation options shared by every command; each maps to a LipSyncConfig field of the same name.
-Model = Annotated[str, typer.Option(help="latentsync-1.5 (256 px), latentsync-1.6 (512 px), tiny-random, or a U-Net .pt path.")]
+Model = Annotated[str, typer.Option(help="latentsync-1.5 (256 px), latentsync-1.6 (512 px), tiny-random, latentsync-1.x-random (benchmarks), or a U-Net .pt path.")]
 Resolution = Annotated[Optional[int], typer.Option(help="Face size in px (256 or 512) (default: the model's own).")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
 Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
@@ -29,6 +29,7 @@ AudioMode = Annotated[str, typer.Option(help="seamless, or upstream (hard 30 s W
 Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
 
 
 def make_config(**options):
@@ -44,8 +45,8 @@ def make_config(**options):
         first = err.errors()[0]
         typer.echo(f"error: --{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", err=True)
         raise typer.Exit(2)
-    if cfg.model == "tiny-random":
-        typer.echo("warning: tiny-random has random weights and produces meaningless mouths", err=True)
+    if cfg.preset().random_weights:
+        typer.echo(f"warning: {cfg.model} has random weights and produces meaningless mouths", err=True)
     return cfg
 
 
@@ -96,6 +97,7 @@ def run(
     checkpoints: Checkpoints = None,
     device: Device = "auto",
     windows_per_chunk: WindowsPerChunk = 8,
+    compile: Compile = False,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 
@@ -148,6 +150,7 @@ def batch(
     audio_mode: AudioMode = "seamless",
     checkpoints: Checkpoints = None,
     windows_per_chunk: WindowsPerChunk = 8,
+    compile: Compile = False,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
     prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
     generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",

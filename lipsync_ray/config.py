@@ -29,6 +29,7 @@ class LipSyncConfig(BaseModel):
     window_overlap: int = Field(4, ge=0, le=8, description="frames shared by neighbouring 16-frame windows")
     windows_per_chunk: int = Field(8, ge=1)
     windows_per_batch: int = Field(4, ge=1, description="windows per U-Net call")
+    compile: bool = Field(False, description="torch.compile the U-Net (GPU: a slower first chunk, faster after)")
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
 

@@ -8,7 +8,8 @@ depends on the seed only and any worker reproduces any chunk.
 
 Ours: many windows per U-Net call (both guidance halves in the same batch), VAE latents taken at the posterior
 mean (upstream samples, with a spread far below the decoder's resolution), and windows that overlap on the
-global grid of `plan.windows` crossfaded in pixel space.
+global grid of `plan.windows` crossfaded in pixel space. The VAE runs on `VAE_FRAMES` frames at a time, upstream's
+window size, so its activations never exceed upstream's whatever the U-Net batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from .models.presets import VAE_SCALING, Components, make_scheduler
 from .models.unet import DeepCache
 from .plan import Window, window_weights
+
+VAE_FRAMES = 16
 
 
 def load_mask(resolution: int) -> torch.Tensor:
@@ -45,8 +48,14 @@ class DiffusionParams:
 
 
 class LipSyncDiffusion:
-    def __init__(self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+    ):
+        """`compile`: torch.compile the U-Net's steps (each new batch shape compiles once, then runs fused)."""
         self.c = components
+        if compile:
+            components.unet.compile_steps(dynamic=False)
         self.device, self.dtype = torch.device(device), dtype
         self.resolution = components.preset.resolution
         self.mask = load_mask(self.resolution).to(self.device, dtype)
@@ -60,7 +69,13 @@ class LipSyncDiffusion:
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.c.vae.encode(images).latent_dist.mode() * VAE_SCALING
+        return torch.cat(
+            [self.c.vae.encode(part).latent_dist.mode() for part in images.split(VAE_FRAMES)]
+        ) * VAE_SCALING
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.c.vae.decode(part / VAE_SCALING).sample for part in latents.split(VAE_FRAMES)])
 
     @torch.no_grad()
     def generate(
@@ -124,6 +139,6 @@ class LipSyncDiffusion:
                 uncond, text = eps.chunk(2)
                 eps = uncond + params.guidance * (text - uncond)
             latents = scheduler.step(eps, t, latents).prev_sample
-        faces = self.c.vae.decode(latents.transpose(1, 2).reshape(n * f, 4, *latents.shape[-2:]) / VAE_SCALING).sample
+        faces = self._decode(latents.transpose(1, 2).reshape(n * f, 4, *latents.shape[-2:]))
         faces = faces * (1 - self.mask) + ref * self.mask  # keep the upper face from the reference
         return faces.reshape(n, f, *faces.shape[1:])

@@ -79,17 +79,18 @@ def _choose(faces: list[Face], previous: Face | None, policy: str) -> Face | Non
 
 
 class Prepare:
-    """CPU: decode a chunk's frames, detect, follow and align the face, compute the chunk's audio tokens."""
+    """CPU: decode a chunk's frames, detect, follow and align the face, compute the chunk's audio tokens.
+    `device` is where the crops are warped (the in-process pipeline passes its GPU)."""
 
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None):
-        self.cfg, self.inputs = cfg, inputs
+    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None, device: str = "cpu"):
+        self.cfg, self.inputs, self.device = cfg, inputs, device
 
     def setup(self) -> None:
         preset = self.cfg.preset()
         self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
-        self.aligner = FaceAligner(preset.resolution)
+        self.aligner = FaceAligner(preset.resolution, self.device)
         self.whisper = load_whisper(preset, self.cfg.checkpoints)
         self._audio: tuple[str, np.ndarray] | None = None  # the last audio file decoded: chunks of a video share it
 
@@ -156,7 +157,7 @@ class Generate:
         device = self.cfg.resolved_device()
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         components = load_components(self.cfg.preset(), self.cfg.checkpoints).to(device, dtype)
-        self.diffusion = LipSyncDiffusion(components, device, dtype)
+        self.diffusion = LipSyncDiffusion(components, device, dtype, compile=self.cfg.compile)
         self.params = self.cfg.diffusion_params()
 
     def __call__(self, item: PreparedChunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
@@ -190,15 +191,16 @@ def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Ite
 
 
 class Compose:
-    """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move."""
+    """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move.
+    `device` is where faces are pasted back (the in-process pipeline passes its GPU)."""
 
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None):
-        self.cfg, self.inputs = cfg, inputs
+    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None, device: str = "cpu"):
+        self.cfg, self.inputs, self.device = cfg, inputs, device
 
     def setup(self) -> None:
-        self.aligner = FaceAligner(self.cfg.preset().resolution)
+        self.aligner = FaceAligner(self.cfg.preset().resolution, self.device)
 
     def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
         """`items` yields PreparedChunks in chunk order; returns the number of frames written."""

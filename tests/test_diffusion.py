@@ -70,3 +70,27 @@ def test_deepcache_reuses_deep_features(diffusion):
     cached = run(3)
     assert not np.array_equal(cached, exact)
     assert np.abs(cached.astype(int) - exact.astype(int)).mean() < 20  # an approximation of the same result
+
+
+def test_compiled_unet_steps_are_captured_whole_and_match_eager():
+    """torch.compile takes `deep` and `shallow` as single graphs (fullgraph), compiles each variant once for the
+    whole denoising loop, and gives eager's output. aot_eager keeps CPU compile time short; the GPU runs
+    inductor (benchmarks/diffusion_stage.py reports its precision)."""
+    import torch._dynamo
+
+    crops = np.random.RandomState(5).randint(0, 255, (28, R, R, 3), dtype=np.uint8)
+    audio = torch.randn(28, 50, 64, generator=torch.Generator().manual_seed(5))
+    run = lambda d, interval: d.generate(crops, audio, windows(28), DiffusionParams(steps=4, deepcache=interval), 4)  # noqa: E731
+    eager = LipSyncDiffusion(build_random_components(get_preset("tiny-random")))
+    expected = [run(eager, 0), run(eager, 3)]
+
+    torch._dynamo.reset()
+    compiled = LipSyncDiffusion(build_random_components(get_preset("tiny-random")))
+    compiled.c.unet.compile_steps(dynamic=False, fullgraph=True, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    got = [run(compiled, 0), run(compiled, 3)]
+    # deep, deep keeping DeepCache's features, shallow: one graph each for the 8 U-Net calls of both runs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    torch._dynamo.reset()

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from lipsync_ray.cli import app
 from lipsync_ray.media import FrameReader, probe_video
+from lipsync_ray.pipeline import ahead
 
 from .conftest import DATA
 
@@ -105,3 +106,30 @@ def test_demo_falls_back_to_tiny_random_without_weights(tmp_path, monkeypatch):
 def test_bad_option_names_the_option(clips, tmp_path):
     result = CliRunner().invoke(app, ["run", str(clips / "v.mp4"), str(clips / "a 'ü'.m4a"), "-o", str(tmp_path / "o.mp4"), *ARGS, "--resolution", "300"])
     assert result.exit_code == 2 and "--resolution" in result.output
+
+
+def test_ahead_keeps_order_bounds_its_lookahead_and_reraises():
+    import threading
+    import time
+
+    started, threads = [], set()
+
+    def square(x):
+        started.append(x)
+        threads.add(threading.current_thread().name)
+        return x * x
+
+    results = ahead(square, range(10), depth=2)
+    assert next(results) == 0
+    time.sleep(0.2)
+    assert len(started) == 3  # the one taken and two ahead, no more
+    assert list(results) == [x * x for x in range(1, 10)]
+    assert threading.current_thread().name not in threads
+
+    def fails_at_3(x):
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x
+
+    with pytest.raises(ValueError, match="bad item 3"):
+        list(ahead(fails_at_3, range(10), depth=2))

@@ -50,6 +50,8 @@ class ModelPreset:
     hf_repo: str | None = None
     vae_repo: str | None = None
     random_weights: bool = False
+    vae_config: str = "sd-vae-ft-mse.json"  # configs/vae: the architecture that random weights are built for
+    whisper_config: str = "tiny.json"  # configs/whisper: likewise
     description: str = ""
     unet_file: str | None = None  # a U-Net checkpoint outside the checkpoints layout (`--model PATH`)
 
@@ -69,8 +71,18 @@ PRESETS: dict[str, ModelPreset] = {
         description="LatentSync 1.6, 512 px faces",
     ),
     "tiny-random": ModelPreset(
-        "tiny-random", 128, "tiny-random.yaml", random_weights=True,
+        "tiny-random", 128, "tiny-random.yaml", random_weights=True, vae_config="tiny-random.json",
+        whisper_config="tiny-random.json",
         description="small random-weight model for tests and smoke runs: produces MEANINGLESS MOUTHS",
+    ),
+    # the published architectures and FLOPs with random weights, for benchmarks on hosts without the weights
+    "latentsync-1.5-random": ModelPreset(
+        "latentsync-1.5-random", 256, UNET_CONFIGS[256], random_weights=True,
+        description="LatentSync 1.5's architecture with random weights, for benchmarks: MEANINGLESS MOUTHS",
+    ),
+    "latentsync-1.6-random": ModelPreset(
+        "latentsync-1.6-random", 512, UNET_CONFIGS[512], random_weights=True,
+        description="LatentSync 1.6's architecture with random weights, for benchmarks: MEANINGLESS MOUTHS",
     ),
 }
 
@@ -126,26 +138,27 @@ def _missing(what: str, path: Path) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found at {path}: run `lipsync-ray download` (or set LIPSYNC_CHECKPOINTS)")
 
 
+def _random_whisper(preset: ModelPreset, seed: int) -> WhisperFeatureEncoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        dims = ModelDimensions(**json.loads(config_path("whisper", preset.whisper_config).read_text()))
+        return WhisperFeatureEncoder(dims).eval()
+
+
 def build_random_components(preset: ModelPreset, seed: int = 0) -> Components:
     """Seeded random weights of the preset's architecture (tiny-random, or the real sizes for benchmarks)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
-        vae_name = "tiny-random.json" if preset.random_weights else "sd-vae-ft-mse.json"
-        vae = AutoencoderKL.from_config(json.loads(config_path("vae", vae_name).read_text()))
-        whisper_name = "tiny-random.json" if preset.random_weights else "tiny.json"
-        whisper = WhisperFeatureEncoder(ModelDimensions(**json.loads(config_path("whisper", whisper_name).read_text())))
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return Components(preset, unet.eval(), vae.eval(), whisper.eval(), scheduler_config())
+        vae = AutoencoderKL.from_config(json.loads(config_path("vae", preset.vae_config).read_text()))
+    return Components(preset, unet.eval(), vae.eval(), _random_whisper(preset, seed), scheduler_config())
 
 
 def load_whisper(model: str | ModelPreset, root: str | Path | None = None) -> WhisperFeatureEncoder:
     """Only the audio encoder, for CPU workers that need no U-Net or VAE."""
     preset = model if isinstance(model, ModelPreset) else get_preset(model)
     if preset.random_weights:
-        return build_random_components(preset).whisper
+        return _random_whisper(preset, seed=0)
     path = checkpoints_root(root) / "whisper" / "tiny.pt"
     if not path.exists():
         raise _missing("whisper tiny", path)

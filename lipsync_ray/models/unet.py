@@ -128,15 +128,17 @@ class UpBlock(_Block):
         super().__init__(cfg, resnet_in, out_ch, cross, motion, heads)
         self.upsamplers = None if last else nn.ModuleList([Upsample3D(out_ch)])
 
-    def forward(self, x, skips, temb, context, upsample_size=None, first: int = 0, cache: "DeepCache | None" = None):
+    def forward(self, x, skips, temb, context, upsample_size=None, first: int = 0, keep: int | None = None):
+        """-> (output, the features entering layer `keep`, or None)."""
+        kept = None
         for i in range(first, len(self.resnets)):
-            if cache is not None and i == cache.layer(self):
-                cache.features = x
+            if i == keep:
+                kept = x
             x = torch.cat([x, skips.pop()], dim=1)
             x = self.layer(i, x, temb, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
-        return x
+        return x, kept
 
 
 class MidBlock(nn.Module):
@@ -298,28 +300,49 @@ class UNet3DConditionModel(nn.Module):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
-        temb = self._embed_time(timestep, b, sample.dtype)
-        x = self.conv_in(sample)
         if cache is not None and cache.reuse():
-            last = self.up_blocks[-1]
-            first = self.down_blocks[0].layer(0, x, temb, context)
-            x = last(cache.features, [x, first], temb, context, first=cache.layer(last))
+            x = self.shallow(sample, timestep, context, cache.features)
         else:
-            x = self._full(x, temb, context, cache)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+            x, features = self.deep(sample, timestep, context, keep_features=cache is not None)
+            if cache is not None:
+                cache.features = features
         return UNet3DOutput(sample=x) if return_dict else (x,)
 
-    def _full(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, cache: DeepCache | None):
+    # `deep` and `shallow` hold all the tensor work and no Python state, so torch.compile can take each whole
+    # (`compile_steps`); DeepCache's bookkeeping stays in `forward`.
+    def deep(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, keep_features: bool = False):
+        """The full U-Net -> (noise prediction, DeepCache's features or None)."""
+        temb = self._embed_time(timestep, sample.shape[0], sample.dtype)
+        x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, temb, context)
             skips += s
         x = self.mid_block(x, temb, context)
-
+        features = None
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             # upsample to the next skip's size, which also handles inputs not divisible by the total downsampling
             size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
-            x = block(x, mine, temb, context, size, cache=cache if block is self.up_blocks[-1] else None)
-        return x
+            last = block is self.up_blocks[-1]
+            x, kept = block(x, mine, temb, context, size, keep=DeepCache.layer(block) if last and keep_features else None)
+            features = kept if last else features
+        return self._out(x), features
+
+    def shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, features: torch.Tensor):
+        """DeepCache's reuse step: conv_in, the first down layer, the last up block's last layers, conv_out."""
+        temb = self._embed_time(timestep, sample.shape[0], sample.dtype)
+        x = self.conv_in(sample)
+        last = self.up_blocks[-1]
+        first = self.down_blocks[0].layer(0, x, temb, context)
+        x, _ = last(features, [x, first], temb, context, first=DeepCache.layer(last))
+        return self._out(x)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def compile_steps(self, **options) -> None:
+        """torch.compile `deep` and `shallow` (options as torch.compile's); `forward` then runs the compiled ones."""
+        self.deep = torch.compile(self.deep, **options)  # type: ignore[method-assign]
+        self.shallow = torch.compile(self.shallow, **options)  # type: ignore[method-assign]

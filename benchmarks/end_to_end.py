@@ -1,0 +1,232 @@
+"""End to end on real media: decode, face detection and alignment, audio features, diffusion, paste-back, encode.
+
+Runs the real-size architectures with random weights (`latentsync-1.5-random`, `latentsync-1.6-random`: the
+published FLOPs) through the plain pipeline (`lipsync-ray run`) and, with `--ray-gpus`, through the Ray Data job
+on that many GPUs. Prints one table row per run:
+- frames/s end to end, and each stage's own rate (frames over the seconds its thread was busy; the stages
+  overlap, so the slowest stage bounds the end-to-end rate);
+- U-Net TFLOP/s over the Generate stage's time (VAE included, so a lower bound) and its share of `--peak`;
+- GPU busy fraction (NVML's utilisation, sampled every 0.1 s, mean over the run and the GPUs used);
+- peak GPU memory (NVML, per GPU) and peak host memory (RSS of this process and all its children).
+
+    python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
+        [--deepcache 0 3] [--overlap 4] [--compile] [--ray-gpus 1 2 4 --ray-videos 8]
+
+Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
+3.23 / 5.38 at 512, at 5.2 GiB of GPU memory for 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from lipsync_ray.config import LipSyncConfig
+
+TFLOP_PER_FORWARD = {128: None, 256: 8.100963942400, 512: 35.251380551680}  # contract/flops.json: 2 x 16 frames
+UPSTREAM_FPS = {(256, 0): 7.54, (256, 3): 11.42, (512, 0): 3.23, (512, 3): 5.38}
+
+
+class Sampler:
+    """Peak host RSS of this process tree and, through NVML when present, GPU utilisation and memory."""
+
+    def __init__(self, gpus: int):
+        self.rss = 0
+        self.util: list[float] = []
+        self.gpu_bytes = 0
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
+        except Exception:  # no NVML (CPU hosts): GPU columns stay empty
+            self._nvml, self._handles = None, []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.1):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.rss = max(self.rss, total)
+            if self._handles:
+                self.util.append(sum(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles) / len(self._handles))
+                self.gpu_bytes = max(self.gpu_bytes, max(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles))
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy(self) -> float | None:
+        return sum(self.util) / len(self.util) / 100 if self.util else None
+
+
+class Timed:
+    """A stage whose own busy seconds are counted; for Compose, time spent waiting for the next item is not."""
+
+    def __init__(self, stage):
+        self.stage, self.seconds = stage, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        waited = 0.0
+        if len(args) >= 2 and hasattr(args[1], "__next__"):  # Compose(plan, items, ...): time its waits
+            def waiting(items):
+                nonlocal waited
+                while True:
+                    t = time.perf_counter()
+                    item = next(items, None)
+                    waited += time.perf_counter() - t
+                    if item is None:
+                        return
+                    yield item
+
+            args = (args[0], waiting(args[1]), *args[2:])
+        try:
+            return self.stage(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start - waited
+
+
+def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
+    import torch
+
+    from lipsync_ray.pipeline import LipSyncPipeline
+
+    pipeline = LipSyncPipeline(cfg)
+    pipeline.run(video, audio, out / "warmup.mp4")  # model warm-up (and compilation) outside the timing
+    stages = {name: Timed(getattr(pipeline, name)) for name in ("prepare", "generate", "compose")}
+    for name, timed in stages.items():
+        setattr(pipeline, name, timed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with Sampler(1) as sampler:
+        result = pipeline.run(video, audio, out / "plain.mp4")
+    windows = sum(len(c.windows) for c in _plan(cfg, video, audio).chunks)
+    return {
+        "fps": result.fps, "frames": result.frames,
+        **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
+        "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
+        "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
+        "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
+
+
+def _plan(cfg, video, audio):
+    from lipsync_ray.stages import plan_video
+
+    return plan_video(video, audio, cfg)
+
+
+def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
+    per_forward = TFLOP_PER_FORWARD.get(cfg.preset().resolution)
+    if per_forward is None or cfg.deepcache > 1:  # DeepCache's shallow steps are not counted
+        return None
+    return per_forward * cfg.steps * windows / seconds
+
+
+def ray_job(cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int) -> dict:
+    import ray
+
+    from lipsync_ray.batch import BatchConfig, run_batch
+
+    catalog = out / f"catalog-{gpus}.jsonl"
+    catalog.write_text("".join(json.dumps({"id": f"v{i}", "video": video, "audio": audio}) + "\n" for i in range(videos)))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_gpus=gpus, include_dashboard=False)
+    job = BatchConfig(
+        catalog=str(catalog), output=str(out / f"ray-{gpus}"), pipeline=cfg, gpu=True,
+        prepare_actors=(prepare_per_gpu * gpus, prepare_per_gpu * gpus), generate_actors=(gpus, gpus),
+    )
+    try:
+        with Sampler(gpus) as sampler:
+            start = time.perf_counter()
+            rows = run_batch(job)
+            seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} videos failed: {failed[0].error}")
+    frames = sum(r.frames for r in rows)
+    return {
+        "fps": frames / seconds, "frames": frames, "generate_fps": frames / (sum(r.generate_s for r in rows) / gpus),
+        "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
+        "gpu_gib": sampler.gpu_bytes / 2**30 if sampler.gpu_bytes else None,
+    }
+
+
+def _fmt(x, spec=".1f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", required=True)
+    parser.add_argument("--audio", required=True)
+    parser.add_argument("--models", nargs="+", default=["latentsync-1.5-random", "latentsync-1.6-random"])
+    parser.add_argument("--deepcache", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--overlap", type=int, default=4, help="frames shared by neighbouring windows (upstream: 0)")
+    parser.add_argument("--windows-per-batch", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
+    parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
+    parser.add_argument("--ray-videos", type=int, default=8, help="copies of the video in the Ray job's catalog")
+    parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
+    parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
+    parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    import torch
+
+    print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
+    print("| path | model | res | DeepCache | overlap | compile | frames | e2e fps | prepare fps | generate fps | compose fps "
+          "| upstream fps | UNet TFLOP/s | of peak | GPU busy | peak GPU GiB | peak host GiB |")
+    print("|" + "---|" * 17, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for model in args.models:
+            for deepcache in args.deepcache:
+                cfg = LipSyncConfig(
+                    model=model, deepcache=deepcache, window_overlap=args.overlap, compile=args.compile,
+                    windows_per_batch=args.windows_per_batch, device=args.device,
+                )
+                res = cfg.preset().resolution
+                runs = [] if args.no_plain else [("plain", lambda: plain(cfg, args.video, args.audio, out))]
+                for g in args.ray_gpus:
+                    ray_cfg = cfg.model_copy(update={"compile": False})
+                    runs.append((f"ray x{g}", lambda g=g: ray_job(ray_cfg, args.video, args.audio, out, g, args.ray_videos, args.prepare_per_gpu)))
+                for path, fn in runs:
+                    r = fn()
+                    tfl = r.get("unet_tflops")
+                    print(
+                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {cfg.compile and path == 'plain'} "
+                        f"| {r['frames']} | {r['fps']:.1f} | {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
+                        f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
+                        f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} "
+                        f"| {r['host_gib']:.2f} |", flush=True,
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
