@@ -81,7 +81,7 @@ def precision(model: str, compile: bool) -> list[tuple[str, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--per-batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--per-batch", type=int, nargs="*", default=[1, 4, 8], help="windows/call of eager runs")
     parser.add_argument("--compiled-per-batch", type=int, nargs="*", default=[4], help="windows/call of compiled runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--models", nargs="+", default=["latentsync-1.5-random", "latentsync-1.6-random"])

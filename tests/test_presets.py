@@ -14,6 +14,7 @@ from lipsync_ray.models.presets import (
     config_path,
     get_preset,
     load_components,
+    load_whisper,
     make_scheduler,
 )
 
@@ -138,3 +139,13 @@ def test_a_checkpoint_path_is_a_model(tmp_path):
     assert (preset.resolution, preset.unet_config, preset.unet_path(tmp_path)) == (256, "stage2.yaml", path)
     assert get_preset(str(path)).resolution == 512
     assert get_preset("latentsync-1.6", 256).unet_config == "stage2_512.yaml"
+
+
+def test_real_size_random_presets_have_the_published_architectures():
+    """Benchmarks run these: the published U-Net, VAE and whisper-tiny shapes, with random weights."""
+    for name, published in [("latentsync-1.5-random", "latentsync-1.5"), ("latentsync-1.6-random", "latentsync-1.6")]:
+        preset, real = get_preset(name), get_preset(published)
+        assert preset.random_weights and (preset.resolution, preset.unet_config) == (real.resolution, real.unet_config)
+        assert (preset.vae_config, preset.whisper_config) == ("sd-vae-ft-mse.json", "tiny.json")
+    whisper = load_whisper("latentsync-1.5-random")
+    assert (whisper.dims.n_audio_state, whisper.dims.n_audio_layer) == (384, 4)
