@@ -28,10 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from diffusion_stage import TFLOP_PER_FORWARD, UPSTREAM_FPS  # this folder is on sys.path when run as a script
 from lipsync_ray.config import LipSyncConfig
-
-TFLOP_PER_FORWARD = {128: None, 256: 8.100963942400, 512: 35.251380551680}  # contract/flops.json: 2 x 16 frames
-UPSTREAM_FPS = {(256, 0): 7.54, (256, 3): 11.42, (512, 0): 3.23, (512, 3): 5.38}
 
 
 class Sampler:

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from diffusion_stage import TFLOP_PER_FORWARD  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
-TFLOP_PER_FORWARD = {256: 8.100963942400, 512: 35.251380551680}  # contract/flops.json
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
 
 
