@@ -319,16 +319,14 @@ class UNet3DConditionModel(nn.Module):
             x, s = block(x, temb, context)
             skips += s
         x = self.mid_block(x, temb, context)
-        features = None
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             # upsample to the next skip's size, which also handles inputs not divisible by the total downsampling
             size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
             last = block is self.up_blocks[-1]
-            x, kept = block(x, mine, temb, context, size, keep=DeepCache.layer(block) if last and keep_features else None)
-            features = kept if last else features
-        return self._out(x), features
+            x, features = block(x, mine, temb, context, size, keep=DeepCache.layer(block) if last and keep_features else None)
+        return self._out(x), features  # the last block's: the only one asked to keep any
 
     def shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, features: torch.Tensor):
         """DeepCache's reuse step: conv_in, the first down layer, the last up block's last layers, conv_out."""
