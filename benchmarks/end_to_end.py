@@ -30,6 +30,7 @@ import psutil
 
 from diffusion_stage import TFLOP_PER_FORWARD, UPSTREAM_FPS  # this folder is on sys.path when run as a script
 from lipsync_ray.config import LipSyncConfig
+from lipsync_ray.plan import chunks
 
 
 class Sampler:
@@ -117,7 +118,8 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with Sampler(1) as sampler:
         result = pipeline.run(video, audio, out / "plain.mp4")
-    windows = sum(len(c.windows) for c in _plan(cfg, video, audio).chunks)
+    # the run's windows, from its frame count as plan_video chunks it (no second probe and audio decode)
+    windows = sum(len(c.windows) for c in chunks(result.frames, cfg.windows_per_chunk, overlap=cfg.window_overlap))
     return {
         "fps": result.fps, "frames": result.frames,
         **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
@@ -125,12 +127,6 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
-
-
-def _plan(cfg, video, audio):
-    from lipsync_ray.stages import plan_video
-
-    return plan_video(video, audio, cfg)
 
 
 def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
