@@ -90,7 +90,7 @@ print(result.frames, *trace)
 
 def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     """Resident memory after every written frame of a 14 s 360x640 video (7 chunks): flat once the first
-    chunk has run, where upstream's grows with every frame it holds."""
+    chunk has run, where upstream's grows with every frame it holds (about 0.7 MiB per frame here)."""
     video, audio = tmp_path / "long.mp4", tmp_path / "long.wav"
     _ffmpeg("-stream_loop", "-1", "-i", str(DATA / "demo1_video.mp4"), "-t", "14", "-vf", "scale=360:640", "-c:v", "libx264", "-preset", "ultrafast", "-an", str(video))
     _ffmpeg("-stream_loop", "-1", "-i", str(DATA / "demo1_audio.wav"), "-t", "14", str(audio))
@@ -98,6 +98,8 @@ def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     frames, *trace = map(int, run.stdout.split())
     assert frames == len(trace) == 350
-    first, rest = max(trace[:60]), max(trace[60:])
-    print(f"\nresident memory: {first} MiB after the first chunk, at most {rest} MiB over the remaining {frames - 60} frames")
-    assert rest - first < 64
+    # typical memory (median: chunk hand-overs make short spikes) just after the first chunk and at the end
+    first, last, peak = np.median(trace[60:110]), np.median(trace[-50:]), max(trace)
+    print(f"\nresident memory: {first:.0f} MiB after the first chunk, {last:.0f} MiB at the end, peak {peak} MiB")
+    assert last - first < 32
+    assert peak - max(trace[:60]) < 128
