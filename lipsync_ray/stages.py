@@ -24,6 +24,9 @@ from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
 from .storage import InputCache
 
 
+ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
+
+
 class NoFaceError(MediaError):
     pass
 
@@ -100,39 +103,47 @@ class Prepare:
         return self._audio[1]
 
     def __call__(self, plan: VideoPlan, chunk: Chunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
-        """`cfg` may override the face choice of the stage's own config (per-video parameters)."""
+        """`cfg` may override the face choice of the stage's own config (per-video parameters).
+
+        One pass over the frames, a group at a time: detect, then align the group's faces. A frame's matrix
+        depends only on the last `smoothing_memory` faces (see `FaceAligner.estimate`), so it is known as soon
+        as its own face is, and each frame is decoded once."""
         face_policy = (cfg or self.cfg).face
-        warm = self.cfg.smoothing_memory - 1
-        first = max(0, chunk.start - warm)
-        frames = range(first, chunk.stop)
-        faces: list[Face | None] = []
+        memory = self.cfg.smoothing_memory
+        first = max(0, chunk.start - (memory - 1))  # warm-up frames: their faces only feed the smoothing
+        lead, n = chunk.start - first, chunk.stop - chunk.start
+        res = self.aligner.resolution
+        crops = np.zeros((n, res, res, 3), np.uint8)
+        matrices = np.zeros((n + lead, 2, 3), np.float32)
+        present = np.zeros(n + lead, bool)
+        points: list[np.ndarray] = []  # of the frames with a face, in order
         previous = None
         with FrameReader(local_path(self.inputs, plan.video)) as reader:
-            for f in frames:
-                face = _choose(self.detector.detect(reader[int(plan.source_map[f])]), previous, face_policy)
-                faces.append(face)
-                previous = face or previous
-            present = np.array([f is not None for f in faces])
-            n = chunk.stop - chunk.start
-            matrices = np.zeros((len(faces), 2, 3), np.float32)
-            crops = np.zeros((n, self.aligner.resolution, self.aligner.resolution, 3), np.uint8)
-            if present.any():
-                pts = np.stack([f.points for f in faces if f is not None])
-                m, _ = self.aligner.estimate(pts, memory=self.cfg.smoothing_memory)
-                matrices[present] = m.numpy()
-                lead = chunk.start - first
-                own = [i for i in range(lead, len(faces)) if present[i]]
-                for g in range(0, len(own), 8):  # a few full frames in memory at a time
-                    group = own[g : g + 8]
-                    images = np.stack([reader[int(plan.source_map[first + i])] for i in group])
-                    warped = self.aligner.warp(images, torch.from_numpy(matrices[group]))
-                    crops[[i - lead for i in group]] = self.aligner.to_model_size(warped)
-        flags = present[chunk.start - first :]
+            for g in range(0, n + lead, ALIGN_GROUP):  # a few full frames in memory at a time
+                group = range(g, min(g + ALIGN_GROUP, n + lead))
+                images = [reader[int(plan.source_map[first + i])] for i in group]
+                found = []
+                for i, image in zip(group, images):
+                    face = _choose(self.detector.detect(image), previous, face_policy)
+                    if face is not None:
+                        previous, present[i] = face, True
+                        points.append(face.points)
+                        found.append(i)
+                if not found:
+                    continue
+                recent = np.stack(points[-(memory - 1 + len(found)) :])
+                m, _ = self.aligner.estimate(recent, memory=memory)
+                matrices[found] = m[-len(found) :].numpy()
+                own = [i for i in found if i >= lead]
+                if own:
+                    warped = self.aligner.warp([images[i - g] for i in own], torch.from_numpy(matrices[own]))
+                    crops[[i - lead for i in own]] = self.aligner.to_model_size(warped)
+        flags = present[lead:]
         _fill_gaps(crops, flags)
         audio = chunk_features(
             self.whisper, self._waveform(plan.audio), range(chunk.start, chunk.stop), self.cfg.audio_mode, plan.ceiling
         )
-        return PreparedChunk(chunk, crops, matrices[chunk.start - first :], flags, audio)
+        return PreparedChunk(chunk, crops, matrices[lead:], flags, audio)
 
 
 def _fill_gaps(crops: np.ndarray, flags: np.ndarray) -> None:

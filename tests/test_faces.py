@@ -50,6 +50,29 @@ def test_alignment_and_restore_reproduce_upstream(contract, res):
     assert 0.5 * ref["restore_changed_pixels"] < changed.sum() < 1.5 * ref["restore_changed_pixels"]
 
 
+def test_warp_reads_only_the_crop_region_and_fills_outside_the_frame(contract):
+    """The warp converts only the region each crop samples; a face half out of the frame still gets the fill
+    colour where a whole-frame warp would, and the same pixels elsewhere."""
+    import kornia
+
+    frames = torch.stack(contract["frames"]).numpy()
+    aligner = FaceAligner(256)
+    matrices, _ = aligner.estimate(torch.stack(contract["landmarks3"]).numpy())
+    edge, outside = matrices.clone(), matrices.clone()
+    edge[:, :, 2] -= matrices[:, :, :2] @ torch.tensor([250.0, 0.0])  # the face straddles the right edge
+    outside[:, :, 2] -= matrices[:, :, :2] @ torch.tensor([-500.0, 0.0])  # entirely left of the frame
+    for m in (matrices, edge, outside):
+        whole = kornia.geometry.transform.warp_affine(
+            torch.from_numpy(frames).permute(0, 3, 1, 2).float(), m, (aligner.face_h, aligner.face_w),
+            padding_mode="fill", fill_value=torch.full((3,), 127.0),
+        ).permute(0, 2, 3, 1).to(torch.uint8)
+        crops = aligner.warp(list(frames), m)
+        assert _close_uint8(crops, whole) >= 0.999
+        if m is edge:
+            assert (crops[:, :, -20:] == 127).float().mean() > 0.9 and (crops[:, :, :20] == 127).float().mean() < 0.1
+    assert (crops == 127).all()
+
+
 def test_smoothing_state_carries_across_calls(contract):
     points = torch.stack(contract["landmarks3"]).numpy()
     aligner = FaceAligner(256)

@@ -86,22 +86,38 @@ class FaceAligner:
         x = torch.as_tensor(frames)
         return x.to(self.device).permute(0, 3, 1, 2).to(self.dtype)
 
-    def warp(self, frames: np.ndarray | torch.Tensor, matrices: torch.Tensor, batch: int = 8) -> torch.Tensor:
-        """Aligned face crops (F, face_h, face_w, 3) uint8 from frames (F, H, W, 3) uint8, `batch` frames at a
-        time (a float copy of a 1080p frame is 25 MB)."""
+    def warp(self, frames, matrices: torch.Tensor) -> torch.Tensor:
+        """Aligned face crops (F, face_h, face_w, 3) uint8 from F frames (H, W, 3) uint8 (an array or a list).
+
+        Each frame is warped from the region its crop samples (a small part of a 1080p frame), which depends on
+        its own matrix only: a frame's crop is the same whichever frames it is processed with."""
         fill = torch.full((3,), FILL, device=self.device, dtype=self.dtype)
+        matrices = matrices.to(torch.float32).cpu()
         out = []
-        for i in range(0, len(frames), batch):
-            crops = kornia.geometry.transform.warp_affine(
-                self._frames(frames[i : i + batch]),
-                matrices[i : i + batch].to(self.device, self.dtype),
+        for frame, m in zip(frames, matrices):
+            frame = np.asarray(frame)
+            y0, y1, x0, x1 = self._source_region(m, *frame.shape[:2])
+            local = m.clone()
+            local[:, 2] += m[:, :2] @ torch.tensor([float(x0), float(y0)])  # the region's offset, into the translation
+            crop = kornia.geometry.transform.warp_affine(
+                self._frames(frame[None, y0:y1, x0:x1]),
+                local[None].to(self.device, self.dtype),
                 (self.face_h, self.face_w),
                 mode="bilinear",
                 padding_mode="fill",
                 fill_value=fill,
             )
-            out.append(crops.permute(0, 2, 3, 1).to(torch.uint8).cpu())
-        return torch.cat(out)
+            out.append(crop.permute(0, 2, 3, 1).to(torch.uint8).cpu())
+        return torch.cat(out) if out else torch.zeros((0, self.face_h, self.face_w, 3), dtype=torch.uint8)
+
+    def _source_region(self, matrix: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
+        """Frame rows and columns that bilinear sampling of the crop reads, clipped to the frame; at least 2 x 2
+        pixels (the warp normalises by size - 1), which a crop entirely outside the frame does not read."""
+        xy = self._crop_corners(kornia.geometry.transform.invert_affine_transform(matrix[None])[0])
+        x0, y0 = (xy.min(0).values.floor().int() - 2).tolist()
+        x1, y1 = (xy.max(0).values.ceil().int() + 3).tolist()
+        x0, y0 = min(max(0, x0), w - 2), min(max(0, y0), h - 2)
+        return y0, max(min(h, y1), y0 + 2), x0, max(min(w, x1), x0 + 2)
 
     def to_model_size(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
         """LANCZOS4 resize of (F, face_h, face_w, 3) uint8 crops to (F, res, res, 3), as upstream."""
@@ -137,12 +153,16 @@ class FaceAligner:
 
     def _face_region(self, inv: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
         """Frame rows and columns that the pasted face (with its blur margin) can touch."""
-        corners = torch.tensor([[0, 0, 1], [self.face_w, 0, 1], [0, self.face_h, 1], [self.face_w, self.face_h, 1]], dtype=torch.float32)
-        xy = corners @ inv.T
+        xy = self._crop_corners(inv)
         margin = int(0.1 * float((xy.max(0).values - xy.min(0).values).max())) + 4
         x0, y0 = (xy.min(0).values.floor().int() - margin).tolist()
         x1, y1 = (xy.max(0).values.ceil().int() + margin).tolist()
         return max(0, y0), min(h, y1), max(0, x0), min(w, x1)
+
+    def _crop_corners(self, inv: torch.Tensor) -> torch.Tensor:
+        """The crop's four corners (4, 2) in frame pixels, given the crop -> frame matrix."""
+        corners = torch.tensor([[0, 0, 1], [self.face_w, 0, 1], [0, self.face_h, 1], [self.face_w, self.face_h, 1]], dtype=torch.float32)
+        return corners @ inv.T
 
     def _restore_region(self, frames: torch.Tensor, faces: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         img = self._frames(frames)
@@ -166,7 +186,8 @@ def erode(x: torch.Tensor, k: int) -> torch.Tensor:
         return x
     before, after = k // 2, k - 1 - k // 2
     padded = F.pad(-x.float(), (before, after, before, after), value=float("-inf"))
-    return (-F.max_pool2d(padded, k, stride=1)).to(x.dtype)
+    rows = F.max_pool2d(padded, (k, 1), stride=1)  # a flat square is separable: k + k comparisons, not k * k
+    return (-F.max_pool2d(rows, (1, k), stride=1)).to(x.dtype)
 
 
 def soft_edge(mask: torch.Tensor) -> torch.Tensor:
