@@ -10,7 +10,7 @@ on that many GPUs. Prints one table row per run:
 - peak GPU memory (NVML, per GPU) and peak host memory (RSS of this process and all its children).
 
     python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
-        [--deepcache 0 3] [--overlap 4] [--compile] [--ray-gpus 1 2 4 --ray-videos 8]
+        [--deepcache 0 3] [--overlap 4] [--compile] [--prepare-workers 2] [--ray-gpus 1 2 4 --ray-videos 8]
 
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
 3.23 / 5.38 at 512, at 5.2 GiB of GPU memory for 256.
@@ -109,15 +109,17 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
 
     from lipsync_ray.pipeline import LipSyncPipeline
 
-    pipeline = LipSyncPipeline(cfg)
-    pipeline.run(video, audio, out / "warmup.mp4")  # model warm-up (and compilation) outside the timing
-    stages = {name: Timed(getattr(pipeline, name)) for name in ("prepare", "generate", "compose")}
-    for name, timed in stages.items():
-        setattr(pipeline, name, timed)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with Sampler(1) as sampler:
-        result = pipeline.run(video, audio, out / "plain.mp4")
+    with LipSyncPipeline(cfg) as pipeline:
+        pipeline.run(video, audio, out / "warmup.mp4")  # model warm-up (and compilation) outside the timing
+        # Prepare in worker processes is not timed per stage (its calls run there)
+        names = ("generate", "compose") if cfg.prepare_workers else ("prepare", "generate", "compose")
+        stages = {name: Timed(getattr(pipeline, name)) for name in names}
+        for name, timed in stages.items():
+            setattr(pipeline, name, timed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with Sampler(1) as sampler:
+            result = pipeline.run(video, audio, out / "plain.mp4")
     # the run's windows, from its frame count as plan_video chunks it (no second probe and audio decode)
     windows = sum(len(c.windows) for c in chunks(result.frames, cfg.windows_per_chunk, overlap=cfg.window_overlap))
     return {
@@ -181,6 +183,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=4, help="frames shared by neighbouring windows (upstream: 0)")
     parser.add_argument("--windows-per-batch", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
+    parser.add_argument("--prepare-workers", type=int, default=0, help="plain pipeline: Prepare in N processes")
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos", type=int, default=8, help="copies of the video in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
@@ -192,16 +195,16 @@ def main() -> None:
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| path | model | res | DeepCache | overlap | compile | frames | e2e fps | prepare fps | generate fps | compose fps "
+    print("| path | model | res | DeepCache | overlap | compile | prepare workers | frames | e2e fps | prepare fps | generate fps | compose fps "
           "| upstream fps | UNet TFLOP/s | of peak | GPU busy | peak GPU GiB | peak host GiB |")
-    print("|" + "---|" * 17, flush=True)
+    print("|" + "---|" * 18, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for model in args.models:
             for deepcache in args.deepcache:
                 cfg = LipSyncConfig(
                     model=model, deepcache=deepcache, window_overlap=args.overlap, compile=args.compile,
-                    windows_per_batch=args.windows_per_batch, device=args.device,
+                    prepare_workers=args.prepare_workers, windows_per_batch=args.windows_per_batch, device=args.device,
                 )
                 res = cfg.preset().resolution
                 runs = [] if args.no_plain else [("plain", lambda: plain(cfg, args.video, args.audio, out))]
@@ -213,7 +216,7 @@ def main() -> None:
                     tfl = r.get("unet_tflops")
                     print(
                         f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {cfg.compile and path == 'plain'} "
-                        f"| {r['frames']} | {r['fps']:.1f} | {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
+                        f"| {cfg.prepare_workers if path == 'plain' else ''} | {r['frames']} | {r['fps']:.1f} | {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
                         f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} "
                         f"| {r['host_gib']:.2f} |", flush=True,

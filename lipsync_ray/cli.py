@@ -30,6 +30,7 @@ Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (d
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
+PrepareWorkers = Annotated[int, typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread.")]
 
 
 def make_config(**options):
@@ -57,8 +58,7 @@ def _run_one(cfg, video: Path, audio: Path, output: Path) -> None:
     from .pipeline import LipSyncPipeline
 
     try:
-        pipeline = LipSyncPipeline(cfg)
-        with Progress(transient=True) as bar:
+        with LipSyncPipeline(cfg) as pipeline, Progress(transient=True) as bar:
             task = bar.add_task("lip-syncing", total=None)
             result = pipeline.run(
                 video, audio, output,
@@ -98,6 +98,7 @@ def run(
     device: Device = "auto",
     windows_per_chunk: WindowsPerChunk = 8,
     compile: Compile = False,
+    prepare_workers: PrepareWorkers = 0,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 

@@ -30,6 +30,7 @@ class LipSyncConfig(BaseModel):
     windows_per_chunk: int = Field(8, ge=1)
     windows_per_batch: int = Field(4, ge=1, description="windows per U-Net call")
     compile: bool = Field(False, description="torch.compile the U-Net (GPU: a slower first chunk, faster after)")
+    prepare_workers: int = Field(0, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread)")
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
 

@@ -1,22 +1,25 @@
 """Run one video in-process: plan, then Prepare -> Generate -> Compose chunk by chunk (the CLI's `run`).
 
-The three stages run at once on different chunks, each in its own thread: Prepare works ahead while the GPU
-generates, and Compose pastes and encodes the previous chunk meanwhile (torch, PyAV and the detector release the
-GIL). Lookahead is bounded, so memory stays a few chunks whatever the video's length.
+The three stages run at once on different chunks: Prepare works ahead while the GPU generates, and Compose pastes
+and encodes the previous chunk meanwhile. Prepare runs in a thread, or with `prepare_workers=N` in N worker
+processes: its Python-heavy detection then no longer holds the GIL that the thread launching the GPU's kernels
+needs. Lookahead is bounded, so memory stays a few chunks whatever the video's length.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from .config import LipSyncConfig
-from .stages import Compose, Generate, NoFaceError, Prepare, plan_video
+from .stages import Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, plan_video
 
 A, B = TypeVar("A"), TypeVar("B")
 
@@ -33,21 +36,36 @@ class RunResult:
         return self.frames / self.seconds if self.seconds else 0.0
 
 
-def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int) -> Iterator[B]:
-    """`map(fn, inputs)` in order, computed in a background thread up to `depth` results ahead of the consumer."""
-    with ThreadPoolExecutor(1) as pool:
-        source = iter(inputs)
-        pending = deque(pool.submit(fn, x) for _, x in zip(range(depth), source))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                for x in source:  # refill one slot, if any input is left
-                    pending.append(pool.submit(fn, x))
-                    break
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int, pool: Executor | None = None) -> Iterator[B]:
+    """`map(fn, inputs)` in order, computed in `pool` (default: one background thread) up to `depth` results
+    ahead of the consumer."""
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(1)
+    source = iter(inputs)
+    pending = deque(pool.submit(fn, x) for _, x in zip(range(depth), source))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            for x in source:  # refill one slot, if any input is left
+                pending.append(pool.submit(fn, x))
+                break
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+        if own:
+            pool.shutdown(wait=True)
+
+
+_worker_prepare: Prepare | None = None  # a Prepare worker process's own stage, set up on its first chunk
+
+
+def _prepare_in_worker(cfg_json: str, plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
+    global _worker_prepare
+    if _worker_prepare is None:
+        _worker_prepare = Prepare(LipSyncConfig.model_validate_json(cfg_json))
+        _worker_prepare.setup()
+    return _worker_prepare(plan, chunk)
 
 
 class LipSyncPipeline:
@@ -56,10 +74,28 @@ class LipSyncPipeline:
     def __init__(self, cfg: LipSyncConfig):
         self.cfg = cfg
         device = cfg.resolved_device()
-        self.prepare, self.generate = Prepare(cfg, device=device), Generate(cfg)
-        self.compose = Compose(cfg, device=device)
-        for stage in (self.prepare, self.generate, self.compose):
+        self.generate, self.compose = Generate(cfg), Compose(cfg, device=device)
+        self.workers: ProcessPoolExecutor | None = None
+        if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
+            context = multiprocessing.get_context("spawn")
+            self.workers = ProcessPoolExecutor(cfg.prepare_workers, mp_context=context)
+            self.prepare = partial(_prepare_in_worker, cfg.model_dump_json())
+        else:
+            stage = Prepare(cfg, device=device)
             stage.setup()
+            self.prepare = stage
+        self.generate.setup()
+        self.compose.setup()
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "LipSyncPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(
         self, video: str | Path, audio: str | Path, output: str | Path,
@@ -72,13 +108,16 @@ class LipSyncPipeline:
         counts = {"faceless": 0, "faces": 0}
 
         def items():
-            prepared = ahead(lambda chunk: self.prepare(plan, chunk), plan.chunks, depth=2)
+            depth = self.cfg.prepare_workers + 1 if self.workers else 2
+            prepared = ahead(partial(self.prepare, plan), plan.chunks, depth, self.workers)
             generated = ahead(self.generate, prepared, depth=1)
             try:
                 for item in generated:
-                    counts["faces"] += int(item.flags.sum())
-                    counts["faceless"] += int((~item.flags).sum())
-                    if item.chunk.index == plan.chunks[-1].index and counts["faces"] == 0 and self.cfg.on_no_face == "error":
+                    last = item.chunk.index == plan.chunks[-1].index
+                    own = item.flags if last else item.flags[: len(item.flags) - self.cfg.window_overlap]  # as stitched
+                    counts["faces"] += int(own.sum())
+                    counts["faceless"] += int((~own).sum())
+                    if last and counts["faces"] == 0 and self.cfg.on_no_face == "error":
                         raise NoFaceError(f"{video}: no face found in any frame (use --on-no-face passthrough to keep it)")
                     yield item
             finally:  # a failure anywhere stops both stages' threads before the error propagates

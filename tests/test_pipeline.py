@@ -78,6 +78,23 @@ def test_frames_without_a_face_pass_through(clips, gap_clip, tmp_path):
         assert (np.abs(src[i].astype(int) - dst[i].astype(int)).max(-1) > 40).sum() > 100
 
 
+def test_prepare_in_worker_processes_gives_the_same_video(clips, gap_clip, tmp_path):
+    """`--prepare-workers 2`: chunks prepared in two spawned processes, out of order, come back in order and
+    give exactly the frames that Prepare in a thread gives (face gap included)."""
+    videos = []
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}.mp4"
+        result = CliRunner().invoke(app, [
+            "run", str(gap_clip), str(clips / "a 'ü'.m4a"), "-o", str(out), "--windows-per-chunk", "1",
+            "--prepare-workers", str(workers), *ARGS,
+        ])
+        assert result.exit_code == 0, result.output
+        assert "40 frames" in result.output and "10 without a face passed through" in result.output
+        reader = FrameReader(out)
+        videos.append(np.stack([reader[i] for i in range(40)]))
+    np.testing.assert_array_equal(*videos)
+
+
 def test_video_without_any_face(clips, tmp_path):
     blank = tmp_path / "blank.mp4"
     _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=160x120:r=25", "-t", "1", "-c:v", "libx264", str(blank))
