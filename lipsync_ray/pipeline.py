@@ -9,14 +9,17 @@ needs. Lookahead is bounded, so memory stays a few chunks whatever the video's l
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
+
+import torch
 
 from .config import LipSyncConfig
 from .stages import Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, plan_video
@@ -57,33 +60,50 @@ def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int, pool: Executor 
             pool.shutdown(wait=True)
 
 
-_worker_prepare: Prepare | None = None  # a Prepare worker process's own stage, set up on its first chunk
+_worker: Prepare | Exception | None = None  # this Prepare worker process's stage, or why its setup failed
 
 
-def _prepare_in_worker(cfg_json: str, plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
-    global _worker_prepare
-    if _worker_prepare is None:
-        _worker_prepare = Prepare(LipSyncConfig.model_validate_json(cfg_json))
-        _worker_prepare.setup()
-    return _worker_prepare(plan, chunk)
+def _start_worker(cfg_json: str, threads: int) -> None:
+    """Process-pool initializer: set Prepare up once. A setup error is kept and raised by every call, so it
+    reaches the caller with its message (an initializer's own exception would only break the pool)."""
+    global _worker
+    torch.set_num_threads(threads)  # the workers and the main process's stages share the cores
+    try:
+        _worker = Prepare(LipSyncConfig.model_validate_json(cfg_json))
+        _worker.setup()
+    except Exception as err:
+        _worker = err
+
+
+def _prepare_in_worker(plan: VideoPlan | None, chunk: Chunk | None) -> PreparedChunk | None:
+    """Prepare one chunk in this worker; without a chunk, only raise a failed setup."""
+    if isinstance(_worker, Exception):
+        raise _worker
+    return _worker(plan, chunk) if chunk is not None else None
 
 
 class LipSyncPipeline:
-    """The three stages set up once, reusable across videos."""
+    """The stages set up once (Prepare in its own processes with `prepare_workers`), reusable across videos."""
 
     def __init__(self, cfg: LipSyncConfig):
         self.cfg = cfg
-        device = cfg.resolved_device()
-        self.generate, self.compose = Generate(cfg), Compose(cfg, device=device)
+        self.generate, self.compose = Generate(cfg), Compose(cfg, device=cfg.resolved_device())
         self.workers: ProcessPoolExecutor | None = None
+        self.prepare: Callable[[VideoPlan, Chunk], PreparedChunk | None]
         if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
-            context = multiprocessing.get_context("spawn")
-            self.workers = ProcessPoolExecutor(cfg.prepare_workers, mp_context=context)
-            self.prepare = partial(_prepare_in_worker, cfg.model_dump_json())
+            threads = max(1, (os.cpu_count() or 1) // (cfg.prepare_workers + 1))
+            self.workers = ProcessPoolExecutor(
+                cfg.prepare_workers, multiprocessing.get_context("spawn"), _start_worker, (cfg.model_dump_json(), threads)
+            )
+            try:
+                self.workers.submit(_prepare_in_worker, None, None).result()
+            except BaseException:
+                self.close()
+                raise
+            self.prepare = _prepare_in_worker
         else:
-            stage = Prepare(cfg, device=device)
-            stage.setup()
-            self.prepare = stage
+            self.prepare = Prepare(cfg)
+            self.prepare.setup()
         self.generate.setup()
         self.compose.setup()
 
@@ -120,7 +140,7 @@ class LipSyncPipeline:
                     if last and counts["faces"] == 0 and self.cfg.on_no_face == "error":
                         raise NoFaceError(f"{video}: no face found in any frame (use --on-no-face passthrough to keep it)")
                     yield item
-            finally:  # a failure anywhere stops both stages' threads before the error propagates
+            finally:  # a failure anywhere stops feeding both stages before the error propagates
                 generated.close()
                 prepared.close()
 

@@ -83,17 +83,17 @@ def _choose(faces: list[Face], previous: Face | None, policy: str) -> Face | Non
 
 class Prepare:
     """CPU: decode a chunk's frames, detect, follow and align the face, compute the chunk's audio tokens.
-    `device` is where the crops are warped (the in-process pipeline passes its GPU)."""
+    Crops are warped on the CPU everywhere (only each face's region), so every path gives the same crops."""
 
     resources = {"num_cpus": 1}
 
-    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None, device: str = "cpu"):
-        self.cfg, self.inputs, self.device = cfg, inputs, device
+    def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None):
+        self.cfg, self.inputs = cfg, inputs
 
     def setup(self) -> None:
         preset = self.cfg.preset()
         self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
-        self.aligner = FaceAligner(preset.resolution, self.device)
+        self.aligner = FaceAligner(preset.resolution)
         self.whisper = load_whisper(preset, self.cfg.checkpoints)
         self._audio: tuple[str, np.ndarray] | None = None  # the last audio file decoded: chunks of a video share it
 

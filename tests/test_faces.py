@@ -70,7 +70,8 @@ def test_warp_reads_only_the_crop_region_and_fills_outside_the_frame(contract):
         assert _close_uint8(crops, whole) >= 0.999
         if m is edge:
             assert (crops[:, :, -20:] == 127).float().mean() > 0.9 and (crops[:, :, :20] == 127).float().mean() < 0.1
-    assert (crops == 127).all()
+        if m is outside:
+            assert (crops == 127).all()
 
 
 def test_smoothing_state_carries_across_calls(contract):

@@ -94,6 +94,14 @@ def test_prepare_in_worker_processes_gives_the_same_video(clips, gap_clip, tmp_p
         videos.append(np.stack([reader[i] for i in range(40)]))
     np.testing.assert_array_equal(*videos)
 
+    # a worker that cannot set up fails the run at once, with the reason, as Prepare in a thread does
+    result = CliRunner().invoke(app, [
+        "run", str(gap_clip), str(clips / "a 'ü'.m4a"), "-o", str(tmp_path / "no.mp4"), "--prepare-workers", "1",
+        "--model", "tiny-random", "--detector", "insightface", "--checkpoints", str(tmp_path / "none"),
+    ])
+    assert result.exit_code == 2 and "buffalo_l" in result.output, result.output
+    assert not (tmp_path / "no.mp4").exists()
+
 
 def test_video_without_any_face(clips, tmp_path):
     blank = tmp_path / "blank.mp4"

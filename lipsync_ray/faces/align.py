@@ -9,6 +9,7 @@ that is eroded and blurred in proportion to the face's size. uint8 conversions t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -86,8 +87,8 @@ class FaceAligner:
         x = torch.as_tensor(frames)
         return x.to(self.device).permute(0, 3, 1, 2).to(self.dtype)
 
-    def warp(self, frames, matrices: torch.Tensor) -> torch.Tensor:
-        """Aligned face crops (F, face_h, face_w, 3) uint8 from F frames (H, W, 3) uint8 (an array or a list).
+    def warp(self, frames: Sequence[np.ndarray] | np.ndarray, matrices: torch.Tensor) -> torch.Tensor:
+        """Aligned face crops (F, face_h, face_w, 3) uint8 from F frames (H, W, 3) uint8 of at least 2 x 2 pixels.
 
         Each frame is warped from the region its crop samples (a small part of a 1080p frame), which depends on
         its own matrix only: a frame's crop is the same whichever frames it is processed with."""

@@ -152,7 +152,7 @@ class OfflineDetector:
     def _mesh_points(self, frame: np.ndarray, roi) -> np.ndarray | None:
         """Face-mesh points (468, 2) in frame pixels, the model run on the (rotated) ROI's bounding box only."""
         h, w = frame.shape[:2]
-        corners = roi.scaled((w, h)).points()
+        corners = np.asarray(roi.scaled((w, h)).points(), dtype=np.float64)  # a list when rotation == 0
         x0, y0 = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, None)
         x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, (w, h))
         if x1 - x0 < 2 or y1 - y0 < 2:
