@@ -75,11 +75,15 @@ def _start_worker(cfg_json: str, threads: int) -> None:
         _worker = err
 
 
-def _prepare_in_worker(plan: VideoPlan | None, chunk: Chunk | None) -> PreparedChunk | None:
-    """Prepare one chunk in this worker; without a chunk, only raise a failed setup."""
+def _check_worker() -> None:
+    """Raise this worker's setup error, if its setup failed."""
     if isinstance(_worker, Exception):
         raise _worker
-    return _worker(plan, chunk) if chunk is not None else None
+
+
+def _prepare_in_worker(plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
+    _check_worker()
+    return _worker(plan, chunk)
 
 
 class LipSyncPipeline:
@@ -89,14 +93,14 @@ class LipSyncPipeline:
         self.cfg = cfg
         self.generate, self.compose = Generate(cfg), Compose(cfg, device=cfg.resolved_device())
         self.workers: ProcessPoolExecutor | None = None
-        self.prepare: Callable[[VideoPlan, Chunk], PreparedChunk | None]
+        self.prepare: Callable[[VideoPlan, Chunk], PreparedChunk]
         if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
             threads = max(1, (os.cpu_count() or 1) // (cfg.prepare_workers + 1))
             self.workers = ProcessPoolExecutor(
                 cfg.prepare_workers, multiprocessing.get_context("spawn"), _start_worker, (cfg.model_dump_json(), threads)
             )
             try:
-                self.workers.submit(_prepare_in_worker, None, None).result()
+                self.workers.submit(_check_worker).result()
             except BaseException:
                 self.close()
                 raise
