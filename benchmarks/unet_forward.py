@@ -3,16 +3,22 @@
 Real-size LatentSync architecture (configs/unet/stage2.yaml) with random weights: the same FLOPs as the published
 checkpoints. One forward = batch 2 (both guidance halves) x 16 frames, as upstream's denoising step.
 Upstream on one H100 (shared/perf): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16).
+`--windows N` times N windows per call (our pipeline's default is 4); `--profile` prints, per variant, where the
+GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fused, copies) and the top kernels;
+`--attention` times each of the U-Net's attention shapes under every SDPA backend.
 
-    python benchmarks/unet_forward.py [--compile]
+    python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from diffusion_stage import TFLOP_PER_FORWARD  # this folder is on sys.path when run as a script
@@ -53,40 +59,149 @@ def precision_rows():
     return rows
 
 
+KINDS = [  # kernel-name patterns, first match wins
+    ("fused (triton)", r"^triton_"),
+    ("copy / layout", r"nhwc_to_nchw|nchw_to_nhwc|copy|transpose|permute|cat_|contiguous"),
+    ("attention", r"flash|fmha|attention|softmax"),
+    ("convolution", r"conv|fprop|dgrad|implicit|winograd|cudnn"),
+    ("GEMM", r"gemm|cutlass|nvjet|xmma|matmul|sm\d+_"),
+    ("normalisation", r"norm|welford|moments"),
+]
+
+
+def kind(kernel: str) -> str:
+    return next((k for k, pattern in KINDS if re.search(pattern, kernel, re.I)), "other elementwise")
+
+
+def profile(model, sample, ehs, forwards: int = 3) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """GPU milliseconds per forward by kernel kind, and the 10 costliest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    t = torch.tensor(951, device=sample.device)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(forwards):
+            model(sample, t, ehs)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.self_device_time_total / 1000 / forwards
+    kinds: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
+    return kinds, sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+
+
+def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, tuple, tuple]]:
+    """(name, calls per forward, q shape, k/v shape) of every attention in one forward, as (batch, heads, len, dim)."""
+    clips, frames, heads = 2 * windows, 16, cfg["attention_head_dim"]
+    shapes = []
+    for level, channels in enumerate(cfg["block_out_channels"]):
+        side = res // 8 // 2**level
+        d = channels // heads
+        if level < 3:  # the spatial and audio transformers (mid block: one more at level 2)
+            calls = 5 + (level == 2)
+            shapes.append((f"spatial L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, side * side, d)))
+            shapes.append((f"audio L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, 50, d)))
+        shapes.append((f"temporal L{level}", 10, (clips * side * side, heads, frames, d), (clips * side * side, heads, frames, d)))
+    return shapes
+
+
+def time_call(fn, iters: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def attention_table(cfg: dict, res: int, windows: int) -> None:
+    """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as
+    diffusers' processor passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    print(f"\nAttention, {res} px, {windows} window(s): ms per forward (calls x ms per call)")
+    print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in backends))
+    totals = dict.fromkeys(backends, 0.0)
+    for name, calls, qs, ks in attention_shapes(cfg, res, windows):
+        def make(shape):
+            b, h, n, d = shape
+            return torch.randn(b, n, h * d, device="cuda", dtype=torch.float16).view(b, n, h, d).transpose(1, 2)
+
+        q, k, v = make(qs), make(ks), make(ks)
+        cells = []
+        for backend, choice in backends.items():
+            try:
+                with sdpa_kernel(choice) if choice is not None else contextlib.nullcontext():
+                    ms = calls * time_call(lambda: F.scaled_dot_product_attention(q, k, v))
+                totals[backend] += ms
+                cells.append(f"{ms:9.2f}")
+            except RuntimeError:
+                cells.append(f"{'n/a':>9}")
+        print(f"{name:>12} {calls:>5} " + " ".join(cells), flush=True)
+    print(f"{'total':>12} {'':>5} " + " ".join(f"{totals[b]:9.2f}" for b in backends))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile at 256 px")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (fp16)")
+    ap.add_argument("--cudagraphs", action="store_true", help="also time torch.compile with CUDA graphs (fp16)")
+    ap.add_argument("--windows", type=int, nargs="+", default=[1], help="16-frame windows per call (x2 for guidance)")
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
+    ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
     args = ap.parse_args()
     cfg = yaml.safe_load((ROOT / "configs/unet/stage2.yaml").read_text())["model"]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.attention:
+        with torch.no_grad():
+            for res in args.resolutions:
+                for n in args.windows:
+                    attention_table(cfg, res, n)
     with torch.device("cuda"):
         base = UNet3DConditionModel.from_config(cfg).eval()
-    rows = []
+    rows, profiles = [], []
     with torch.no_grad():
         for dtype in (torch.float16, torch.bfloat16):
             model = base.to(dtype)
             variants = [("eager", model)]
-            if args.compile and dtype == torch.float16:
-                variants.append(("compile", torch.compile(model)))
-            for res in (256, 512):
+            if dtype == torch.float16:
+                variants += [("compile", torch.compile(model))] if args.compile else []
+                variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead"))] if args.cudagraphs else []
+            for res in args.resolutions:
                 lat = res // 8
-                sample = torch.randn(2, 13, 16, lat, lat, device="cuda", dtype=dtype)
-                ehs = torch.randn(32, 50, 384, device="cuda", dtype=dtype)
-                for name, m in variants:
-                    if name == "compile" and res != 256:
-                        continue
-                    torch.cuda.reset_peak_memory_stats()
-                    ms = time_forward(m, sample, ehs, args.iters)
-                    peak = torch.cuda.max_memory_allocated() / 2**30
-                    tflops = TFLOP_PER_FORWARD[res] / (ms / 1000)
-                    rows.append((res, str(dtype).removeprefix("torch."), name, ms, tflops, UPSTREAM_MS[res] / ms, peak))
-    print("\nU-Net forward, batch 2 x 16 frames (median of", args.iters, ")")
-    print(f"{'res':>4} {'dtype':>9} {'mode':>8} {'ms':>8} {'TFLOP/s':>8} {'vs upstream':>11} {'peak GiB':>9}")
+                for n in args.windows:
+                    sample = torch.randn(2 * n, 13, 16, lat, lat, device="cuda", dtype=dtype)
+                    ehs = torch.randn(32 * n, 50, 384, device="cuda", dtype=dtype)
+                    for name, m in variants:
+                        torch.cuda.reset_peak_memory_stats()
+                        ms = time_forward(m, sample, ehs, args.iters)
+                        peak = torch.cuda.max_memory_allocated() / 2**30
+                        tflops = n * TFLOP_PER_FORWARD[res] / (ms / 1000)
+                        rows.append((res, n, str(dtype).removeprefix("torch."), name, ms, tflops, n * UPSTREAM_MS[res] / ms, peak))
+                        print(*rows[-1], flush=True)
+                        if args.profile and dtype == torch.float16:
+                            profiles.append((f"{name} {res} px, {n} window(s)", ms, *profile(m, sample, ehs)))
+    print(f"\nU-Net forward, batch 2 x 16 frames per window (median of {args.iters})")
+    print(f"{'res':>4} {'windows':>7} {'dtype':>9} {'mode':>10} {'ms':>8} {'TFLOP/s':>8} {'vs upstream':>11} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r[0]:>4} {r[1]:>9} {r[2]:>8} {r[3]:>8.1f} {r[4]:>8.0f} {r[5]:>10.2f}x {r[6]:>9.2f}")
+        print(f"{r[0]:>4} {r[1]:>7} {r[2]:>9} {r[3]:>10} {r[4]:>8.1f} {r[5]:>8.0f} {r[6]:>10.2f}x {r[7]:>9.2f}")
+    for title, ms, kinds, top in profiles:
+        print(f"\nGPU time per forward, {title} (wall {ms:.1f} ms; kernels sum {sum(kinds.values()):.1f} ms)")
+        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:<18} {v:8.2f} ms  {v / ms:5.1%}")
+        for name, v in top:
+            print(f"    {v:7.2f} ms  {name[:110]}")
     print("\nPrecision on the contract's reduced U-Net, against upstream's fp32 output")
     print(f"{'dtype':>9} {'max abs':>10} {'mean abs':>10} {'rel L2':>10}")
     for r in precision_rows():
