@@ -30,7 +30,7 @@ UPSTREAM_FPS = {(256, 0): 7.54, (256, 3): 11.42, (512, 0): 3.23, (512, 3): 5.38}
 
 @functools.lru_cache(maxsize=1)
 def _diffusion(model: str, dtype: torch.dtype = torch.float16, compile: bool = False) -> LipSyncDiffusion:
-    components = build_random_components(get_preset(model)).to("cuda", dtype)
+    components = build_random_components(get_preset(model), device="cuda").to("cuda", dtype)
     return LipSyncDiffusion(components, "cuda", dtype, compile=compile)
 
 

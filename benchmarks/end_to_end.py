@@ -3,14 +3,16 @@
 Runs the real-size architectures with random weights (`latentsync-1.5-random`, `latentsync-1.6-random`: the
 published FLOPs) through the plain pipeline (`lipsync-ray run`) and, with `--ray-gpus`, through the Ray Data job
 on that many GPUs. Prints one table row per run:
-- frames/s end to end, and each stage's own rate (frames over the seconds its thread was busy; the stages
+- frames/s end to end, the seconds the GPU stage waits for its first chunk and the seconds after its last one
+  (fill / drain), and each stage's own rate (frames over the seconds its thread was busy; the stages
   overlap, so the slowest stage bounds the end-to-end rate);
 - U-Net TFLOP/s over the Generate stage's time (VAE included, so a lower bound) and its share of `--peak`;
 - GPU busy fraction (NVML's utilisation, sampled every 0.1 s, mean over the run and the GPUs used);
 - peak GPU memory (NVML, per GPU) and peak host memory (RSS of this process and all its children).
 
     python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
-        [--deepcache 0 3] [--overlap 4] [--compile] [--prepare-workers 2] [--ray-gpus 1 2 4 --ray-videos 8]
+        [--deepcache 0 3] [--overlap 4] [--windows-per-chunk 4] [--compile] [--prepare-workers 2]
+        [--ray-gpus 1 2 4 --ray-videos-per-gpu 6]
 
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
 3.23 / 5.38 at 512, at 5.2 GiB of GPU memory for 256.
@@ -82,9 +84,12 @@ class Timed:
 
     def __init__(self, stage):
         self.stage, self.seconds = stage, 0.0
+        self.first: float | None = None  # when its first call started and its last call ended (perf_counter)
+        self.last: float | None = None
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
+        self.first = self.first or start
         waited = 0.0
         if len(args) >= 2 and hasattr(args[1], "__next__"):  # Compose(plan, items, ...): time its waits
             def waiting(items):
@@ -101,7 +106,8 @@ class Timed:
         try:
             return self.stage(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start - waited
+            self.last = time.perf_counter()
+            self.seconds += self.last - start - waited
 
 
 def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
@@ -119,11 +125,16 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         with Sampler(1) as sampler:
+            start = time.perf_counter()
             result = pipeline.run(video, audio, out / "plain.mp4")
+            end = time.perf_counter()
+    generate = stages["generate"]
     # the run's windows, from its frame count as plan_video chunks it (no second probe and audio decode)
     windows = sum(len(c.windows) for c in chunks(result.frames, cfg.windows_per_chunk, overlap=cfg.window_overlap))
     return {
         "fps": result.fps, "frames": result.frames,
+        # the GPU's idle ends: before the first chunk reaches Generate, after the last one leaves it
+        "fill_drain": f"{generate.first - start:.1f} / {end - generate.last:.1f}",
         **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
         "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
@@ -139,6 +150,7 @@ def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
 
 
 def ray_job(cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int) -> dict:
+    """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster."""
     import ray
 
     from lipsync_ray.batch import BatchConfig, run_batch
@@ -182,10 +194,11 @@ def main() -> None:
     parser.add_argument("--deepcache", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--overlap", type=int, default=4, help="frames shared by neighbouring windows (upstream: 0)")
     parser.add_argument("--windows-per-batch", type=int, default=4)
+    parser.add_argument("--windows-per-chunk", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
     parser.add_argument("--prepare-workers", type=int, default=0, help="plain pipeline: Prepare in N processes")
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
-    parser.add_argument("--ray-videos", type=int, default=8, help="copies of the video in the Ray job's catalog")
+    parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
     parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
@@ -195,28 +208,32 @@ def main() -> None:
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| path | model | res | DeepCache | overlap | compile | prepare workers | frames | e2e fps | prepare fps | generate fps | compose fps "
-          "| upstream fps | UNet TFLOP/s | of peak | GPU busy | peak GPU GiB | peak host GiB |")
-    print("|" + "---|" * 18, flush=True)
+    print("| path | model | res | DeepCache | overlap | windows/chunk | compile | prepare workers | frames | e2e fps "
+          "| fill / drain s | prepare fps | generate fps | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
+          "| peak GPU GiB | peak host GiB |")
+    print("|" + "---|" * 20, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for model in args.models:
             for deepcache in args.deepcache:
                 cfg = LipSyncConfig(
                     model=model, deepcache=deepcache, window_overlap=args.overlap, compile=args.compile,
-                    prepare_workers=args.prepare_workers, windows_per_batch=args.windows_per_batch, device=args.device,
+                    prepare_workers=args.prepare_workers, windows_per_batch=args.windows_per_batch,
+                    windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
                 res = cfg.preset().resolution
                 runs = [] if args.no_plain else [("plain", lambda: plain(cfg, args.video, args.audio, out))]
                 for g in args.ray_gpus:
                     ray_cfg = cfg.model_copy(update={"compile": False})
-                    runs.append((f"ray x{g}", lambda g=g: ray_job(ray_cfg, args.video, args.audio, out, g, args.ray_videos, args.prepare_per_gpu)))
+                    videos = g * args.ray_videos_per_gpu
+                    runs.append((f"ray x{g}", lambda g=g, n=videos: ray_job(ray_cfg, args.video, args.audio, out, g, n, args.prepare_per_gpu)))
                 for path, fn in runs:
                     r = fn()
                     tfl = r.get("unet_tflops")
                     print(
-                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {cfg.compile and path == 'plain'} "
-                        f"| {cfg.prepare_workers if path == 'plain' else ''} | {r['frames']} | {r['fps']:.1f} | {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
+                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} "
+                        f"| {cfg.prepare_workers if path == 'plain' else ''} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_drain', '')} "
+                        f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
                         f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} "
                         f"| {r['host_gib']:.2f} |", flush=True,
