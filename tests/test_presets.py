@@ -81,6 +81,13 @@ def test_tiny_random_is_deterministic():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_random_weights_are_built_on_the_requested_device():
+    """Generate workers build benchmark weights where they run (a GPU), not on their one CPU first."""
+    c = load_components("latentsync-1.5-random", device="meta")  # meta: the real sizes, no memory
+    assert {p.device.type for m in (c.unet, c.vae) for p in m.parameters()} == {"meta"}
+    assert sum(p.numel() for p in c.unet.parameters()) > 800_000_000
+
+
 def test_published_layout_loads_through_the_real_loader(tmp_path):
     """Write tiny-random weights in the published formats and layout, then load them strictly."""
     tiny = build_random_components(get_preset("tiny-random"), seed=3)

@@ -145,9 +145,13 @@ def _random_whisper(preset: ModelPreset, seed: int) -> WhisperFeatureEncoder:
         return WhisperFeatureEncoder(dims).eval()
 
 
-def build_random_components(preset: ModelPreset, seed: int = 0) -> Components:
-    """Seeded random weights of the preset's architecture (tiny-random, or the real sizes for benchmarks)."""
-    with torch.random.fork_rng(devices=[]):
+def build_random_components(preset: ModelPreset, seed: int = 0, device: str | torch.device = "cpu") -> Components:
+    """Seeded random weights of the preset's architecture (tiny-random, or the real sizes for benchmarks).
+
+    The U-Net and VAE are initialised on `device`: on a GPU in milliseconds, where a 1-CPU worker takes most
+    of a minute for the real sizes (the weights then differ from a CPU build's, seeded all the same)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
         vae = AutoencoderKL.from_config(json.loads(config_path("vae", preset.vae_config).read_text()))
@@ -165,11 +169,11 @@ def load_whisper(model: str | ModelPreset, root: str | Path | None = None) -> Wh
     return WhisperFeatureEncoder.from_checkpoint(path)
 
 
-def load_components(model: str | ModelPreset, root: str | Path | None = None) -> Components:
-    """Load a preset's published weights from the checkpoints root (strict), or build tiny-random."""
+def load_components(model: str | ModelPreset, root: str | Path | None = None, device: str = "cpu") -> Components:
+    """Load a preset's published weights from the checkpoints root (strict), or build random ones on `device`."""
     preset = model if isinstance(model, ModelPreset) else get_preset(model)
     if preset.random_weights:
-        return build_random_components(preset)
+        return build_random_components(preset, device=device)
     root = checkpoints_root(root)
     unet_file, whisper_file, vae_dir = preset.unet_path(root), root / "whisper" / "tiny.pt", root / "sd-vae-ft-mse"
     for what, path in [("LatentSync U-Net", unet_file), ("whisper tiny", whisper_file), ("VAE", vae_dir)]:
