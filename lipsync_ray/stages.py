@@ -167,7 +167,7 @@ class Generate:
     def setup(self) -> None:
         device = self.cfg.resolved_device()
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        components = load_components(self.cfg.preset(), self.cfg.checkpoints).to(device, dtype)
+        components = load_components(self.cfg.preset(), self.cfg.checkpoints, device).to(device, dtype)
         self.diffusion = LipSyncDiffusion(components, device, dtype, compile=self.cfg.compile)
         self.params = self.cfg.diffusion_params()
 
@@ -203,7 +203,10 @@ def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Ite
 
 class Compose:
     """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move.
-    `device` is where faces are pasted back (the in-process pipeline passes its GPU)."""
+    `device` is where faces are pasted back (the in-process pipeline passes its GPU).
+
+    On a GPU, pasting runs on a CUDA stream of its own. Each pasted frame waits for its result; on the default
+    stream that wait would also cover all the diffusion work that Generate (another thread) has queued there."""
 
     resources = {"num_cpus": 1}
 
@@ -212,12 +215,16 @@ class Compose:
 
     def setup(self) -> None:
         self.aligner = FaceAligner(self.cfg.preset().resolution, self.device)
+        self.stream = torch.cuda.Stream(self.device) if torch.device(self.device).type == "cuda" else None
 
     def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
         """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
         written = 0
         video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
-        with FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer:
+        with (
+            FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer,
+            torch.cuda.stream(self.stream),  # no-op without a stream
+        ):
             for f, crop, has_face, matrix in stitch(plan, items, self.cfg.window_overlap):
                 frame = reader[int(plan.source_map[f])]
                 if has_face:
