@@ -61,7 +61,7 @@ def precision_rows():
 
 KINDS = [  # kernel-name patterns, first match wins
     ("fused (triton)", r"^triton_"),
-    ("copy / layout", r"nhwc_to_nchw|nchw_to_nhwc|copy|transpose|permute|cat_|contiguous"),
+    ("copy / layout", r"nhwc_?to_?nchw|nchw_?to_?nhwc|copy|transpose|permute|cat_|contiguous"),
     ("attention", r"flash|fmha|attention|softmax"),
     ("convolution", r"conv|fprop|dgrad|implicit|winograd|cudnn"),
     ("GEMM", r"gemm|cutlass|nvjet|xmma|matmul|sm\d+_"),
@@ -79,7 +79,7 @@ def profile(model, sample, ehs, forwards: int = 3) -> tuple[dict[str, float], li
     from torch.profiler import profile as torch_profile
 
     t = torch.tensor(951, device=sample.device)
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(forwards):
             model(sample, t, ehs)
         torch.cuda.synchronize()
@@ -87,6 +87,8 @@ def profile(model, sample, ehs, forwards: int = 3) -> tuple[dict[str, float], li
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.self_device_time_total / 1000 / forwards
+    if not per_kernel:
+        raise RuntimeError("the profiler recorded no GPU kernels")
     kinds: dict[str, float] = {}
     for name, ms in per_kernel.items():
         kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
@@ -97,13 +99,14 @@ def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, 
     """(name, calls per forward, q shape, k/v shape) of every attention in one forward, as (batch, heads, len, dim)."""
     clips, frames, heads = 2 * windows, 16, cfg["attention_head_dim"]
     shapes = []
+    levels = len(cfg["block_out_channels"])
     for level, channels in enumerate(cfg["block_out_channels"]):
         side = res // 8 // 2**level
         d = channels // heads
-        if level < 3:  # the spatial and audio transformers (mid block: one more at level 2)
-            calls = 5 + (level == 2)
-            shapes.append((f"spatial L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, side * side, d)))
-            shapes.append((f"audio L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, 50, d)))
+        # spatial and audio transformers: 2 down and 3 up at levels 0-2, one in the mid block at the last level
+        calls = 5 if level < levels - 1 else 1
+        shapes.append((f"spatial L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, side * side, d)))
+        shapes.append((f"audio L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, 50, d)))
         shapes.append((f"temporal L{level}", 10, (clips * side * side, heads, frames, d), (clips * side * side, heads, frames, d)))
     return shapes
 
@@ -129,7 +132,7 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     print(f"\nAttention, {res} px, {windows} window(s): ms per forward (calls x ms per call)")
     print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in backends))
-    totals = dict.fromkeys(backends, 0.0)
+    totals: dict[str, float | None] = dict.fromkeys(backends, 0.0)  # None: some shape has no kernel
     for name, calls, qs, ks in attention_shapes(cfg, res, windows):
         def make(shape):
             b, h, n, d = shape
@@ -141,12 +144,13 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
             try:
                 with sdpa_kernel(choice) if choice is not None else contextlib.nullcontext():
                     ms = calls * time_call(lambda: F.scaled_dot_product_attention(q, k, v))
-                totals[backend] += ms
+                totals[backend] = None if totals[backend] is None else totals[backend] + ms
                 cells.append(f"{ms:9.2f}")
             except RuntimeError:
+                totals[backend] = None
                 cells.append(f"{'n/a':>9}")
         print(f"{name:>12} {calls:>5} " + " ".join(cells), flush=True)
-    print(f"{'total':>12} {'':>5} " + " ".join(f"{totals[b]:9.2f}" for b in backends))
+    print(f"{'total':>12} {'':>5} " + " ".join(f"{'n/a':>9}" if t is None else f"{t:9.2f}" for t in totals.values()))
 
 
 def main() -> None:
@@ -155,7 +159,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (fp16)")
     ap.add_argument("--cudagraphs", action="store_true", help="also time torch.compile with CUDA graphs (fp16)")
     ap.add_argument("--windows", type=int, nargs="+", default=[1], help="16-frame windows per call (x2 for guidance)")
-    ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], choices=[256, 512])
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
     ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
     args = ap.parse_args()
@@ -176,8 +180,8 @@ def main() -> None:
             model = base.to(dtype)
             variants = [("eager", model)]
             if dtype == torch.float16:
-                variants += [("compile", torch.compile(model))] if args.compile else []
-                variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead"))] if args.cudagraphs else []
+                variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []
+                variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead", dynamic=False))] if args.cudagraphs else []
             for res in args.resolutions:
                 lat = res // 8
                 for n in args.windows:

@@ -6,6 +6,7 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -223,7 +224,7 @@ class Compose:
         video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
         with (
             FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer,
-            torch.cuda.stream(self.stream),  # no-op without a stream
+            torch.cuda.stream(self.stream) if self.stream is not None else nullcontext(),
         ):
             for f, crop, has_face, matrix in stitch(plan, items, self.cfg.window_overlap):
                 frame = reader[int(plan.source_map[f])]
