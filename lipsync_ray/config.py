@@ -50,9 +50,8 @@ class LipSyncConfig(BaseModel):
     def diffusion_params(self) -> "DiffusionParams":
         from .diffusion import DiffusionParams
 
-        return DiffusionParams(
-            self.steps, self.guidance, self.seed, self.scheduler, self.windows_per_batch, self.deepcache
-        )
+        per_batch = min(self.windows_per_batch, self.windows_per_chunk)  # a batch never spans chunks
+        return DiffusionParams(self.steps, self.guidance, self.seed, self.scheduler, per_batch, self.deepcache)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

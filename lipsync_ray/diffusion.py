@@ -50,12 +50,16 @@ class DiffusionParams:
 class LipSyncDiffusion:
     def __init__(
         self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        compile: bool = False,
+        compile: bool = False, pad_batches: bool | None = None,
     ):
-        """`compile`: torch.compile the U-Net's steps (each new batch shape compiles once, then runs fused)."""
+        """`compile`: torch.compile the U-Net's steps (each new batch shape compiles once, then runs fused).
+        `pad_batches` (default: when compiled) fills a short last batch up to `windows_per_batch` with copies of
+        its last window, whose outputs are dropped: the U-Net then sees one batch shape, so it compiles once
+        instead of once per leftover window count. Windows in a batch do not interact, so outputs are unchanged."""
         self.c = components
         if compile:
             components.unet.compile_steps(dynamic=False)
+        self.pad_batches = compile if pad_batches is None else pad_batches
         self.device, self.dtype = torch.device(device), dtype
         self.resolution = components.preset.resolution
         self.mask = load_mask(self.resolution).to(self.device, dtype)
@@ -95,7 +99,9 @@ class LipSyncDiffusion:
             groups.setdefault(w.index // params.windows_per_batch, []).append(w)
         for batch in groups.values():
             idx = [self._frames(w, offset) for w in batch]
-            decoded = self._denoise(images, audio, idx, params)
+            if self.pad_batches:
+                idx += idx[-1:] * (params.windows_per_batch - len(idx))
+            decoded = self._denoise(images, audio, idx, params)  # zip below drops the padding's outputs
             for w, frames, dec in zip(batch, idx, decoded):
                 wt = weights[w]
                 n = w.stop - w.start

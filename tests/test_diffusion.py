@@ -51,6 +51,26 @@ def test_chunks_reproduce_the_single_run_outside_shared_overlaps(diffusion):
     np.testing.assert_array_equal(whole[:, keep], crops[:, keep])
 
 
+def test_padded_batches_give_the_same_frames_with_one_unet_batch_shape(diffusion):
+    """Compiled runs pad a short last batch so the U-Net compiles once; the padding must not change any frame."""
+    n = 40  # 3 windows of 16 with overlap 4: batches of 2 and 1 window(s)
+    crops = np.random.RandomState(2).randint(0, 255, (n, R, R, 3), dtype=np.uint8)
+    audio = torch.randn(n, 50, 64, generator=torch.Generator().manual_seed(2))
+    params = DiffusionParams(steps=2, windows_per_batch=2)
+    padded = LipSyncDiffusion(diffusion.c, pad_batches=True)
+    batches: list[int] = []
+    hook = diffusion.c.unet.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        plain = diffusion.generate(crops, audio, windows(n, 16, 4), params, 4)
+        assert sorted(set(batches)) == [2, 4]  # 1 and 2 windows, both guidance halves
+        batches.clear()
+        got = padded.generate(crops, audio, windows(n, 16, 4), params, 4)
+        assert set(batches) == {4}
+    finally:
+        hook.remove()
+    assert np.abs(got.astype(int) - plain).max() <= 1
+
+
 def test_seed_changes_the_result(diffusion):
     crops = np.full((16, R, R, 3), 128, np.uint8)
     audio = torch.zeros(16, 50, 64)
