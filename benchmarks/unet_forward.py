@@ -28,20 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
 
 
-def time_forward(model, sample, ehs, iters: int) -> float:
-    t = torch.tensor(951, device=sample.device)
+def median_ms(fn, iters: int) -> float:
+    """Median GPU milliseconds of one `fn()` over `iters` calls, after 3 warm-up calls."""
     for _ in range(3):
-        model(sample, t, ehs)
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model(sample, t, ehs)
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def time_forward(model, sample, ehs, iters: int) -> float:
+    t = torch.tensor(951, device=sample.device)
+    return median_ms(lambda: model(sample, t, ehs), iters)
 
 
 def precision_rows():
@@ -111,18 +116,6 @@ def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, 
     return shapes
 
 
-def time_call(fn, iters: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def attention_table(cfg: dict, res: int, windows: int) -> None:
     """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as
     diffusers' processor passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
@@ -143,7 +136,7 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
         for backend, choice in backends.items():
             try:
                 with sdpa_kernel(choice) if choice is not None else contextlib.nullcontext():
-                    ms = calls * time_call(lambda: F.scaled_dot_product_attention(q, k, v))
+                    ms = calls * median_ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
                 totals[backend] = None if totals[backend] is None else totals[backend] + ms
                 cells.append(f"{ms:9.2f}")
             except RuntimeError:
