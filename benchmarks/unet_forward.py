@@ -56,7 +56,7 @@ def precision_rows():
     expected = fixture["expected"].double()
     rows = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        m = model.to("cuda", dtype)
+        m = model.to("cuda", dtype, memory_format=torch.channels_last)
         with torch.no_grad():
             out = m(fixture["sample"].to("cuda", dtype), fixture["timestep"].cuda(), fixture["encoder_hidden_states"].to("cuda", dtype)).sample
         d = (out.double().cpu() - expected).abs()
@@ -170,7 +170,7 @@ def main() -> None:
     rows, profiles = [], []
     with torch.no_grad():
         for dtype in (torch.float16, torch.bfloat16):
-            model = base.to(dtype)
+            model = base.to(dtype=dtype, memory_format=torch.channels_last)  # as Components.to
             variants = [("eager", model)]
             if dtype == torch.float16:
                 variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []

@@ -4,6 +4,12 @@ Module and parameter names follow the published checkpoints exactly; numerics fo
 (an AnimateDiff-style U-Net): ResNet GroupNorms normalise over all frames of a clip, spatial transformers and
 motion modules act per frame / per pixel, every convolution is 2-D applied frame by frame.
 Attention, feed-forward and timestep layers are diffusers' own.
+
+Layout: upstream rearranges (b, c, f, h, w) <-> ((b f), c, h, w) around every convolution and transformer, and
+those copies cost about a third of an eager forward. Here every block takes and returns the frame batch
+((b f), c, h, w) in channels-last memory, i.e. ((b f), h, w, c): convolutions run in the layout tensor cores
+prefer, the spatial transformer's tokens are a view of it, and clip-wide GroupNorm is a reduction over a view.
+Only the motion modules' attention across frames transposes.
 """
 
 from __future__ import annotations
@@ -17,24 +23,39 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 
-def frames_to_batch(x: torch.Tensor) -> torch.Tensor:
-    """(b, c, f, h, w) -> (b*f, c, h, w)."""
+def to_frame_batch(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> ((b f), c, h, w) in channels-last memory."""
     b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    return x.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c).permute(0, 3, 1, 2)
 
 
-def batch_to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """(b*f, c, h, w) -> (b, c, f, h, w)."""
+def from_frame_batch(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """((b f), c, h, w) -> (b, c, f, h, w) (a view)."""
     bf, c, h, w = x.shape
     return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
-class FrameConv2d(nn.Conv2d):
-    """A 2-D convolution applied to every frame of a (b, c, f, h, w) clip."""
+def tokens(x: torch.Tensor) -> torch.Tensor:
+    """((b f), c, h, w) channels-last -> ((b f), h*w, c), a view."""
+    bf, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(bf, h * w, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        frames = x.shape[2]
-        return batch_to_frames(super().forward(frames_to_batch(x)), frames)
+
+def untokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """((b f), h*w, c) -> ((b f), c, h, w) channels-last, a view."""
+    return x.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """`norm` with statistics over each run of `frames` consecutive frames of the frame batch (1: per frame),
+    i.e. upstream's GroupNorm on (b, c, f, h, w), without leaving channels-last. Statistics in float32."""
+    bf, c, h, w = x.shape
+    g = norm.num_groups
+    grouped = tokens(x).reshape(bf // frames, frames * h * w, g, c // g)
+    std, mean = torch.std_mean(grouped, dim=(1, 3), correction=0, keepdim=True)
+    scale = norm.weight.float().reshape(g, c // g) * torch.rsqrt(std.float().square() + norm.eps)
+    shift = norm.bias.float().reshape(g, c // g) - mean.float() * scale
+    return untokens(torch.addcmul(shift.to(x.dtype), grouped, scale.to(x.dtype)).reshape(bf, h * w, c), h, w)
 
 
 class ResnetBlock3D(nn.Module):
@@ -43,16 +64,17 @@ class ResnetBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = FrameConv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = FrameConv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = FrameConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
+        """x: the frame batch; temb: one row per frame."""
+        h = self.conv1(F.silu(group_norm(self.norm1, x, frames)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(group_norm(self.norm2, h, frames)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -61,7 +83,7 @@ class ResnetBlock3D(nn.Module):
 class Downsample3D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
-        self.conv = FrameConv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -70,15 +92,12 @@ class Downsample3D(nn.Module):
 class Upsample3D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = FrameConv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        frames = x.shape[2]
         if size is None:
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        else:
-            x = F.interpolate(x, size=(frames, *size), mode="nearest")
-        return self.conv(x)
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class AudioTransformerBlock(nn.Module):
@@ -117,14 +136,11 @@ class SpatialTransformer3D(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        frames = x.shape[2]
-        x = frames_to_batch(x)
-        bf, c, h, w = x.shape
-        hidden = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(bf, h * w, c)
+        h, w = x.shape[-2:]
+        hidden = tokens(self.proj_in(group_norm(self.norm, x, 1)))
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
-        hidden = self.proj_out(hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2))
-        return batch_to_frames(hidden + x, frames)
+        return self.proj_out(untokens(hidden, h, w)) + x
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -192,15 +208,12 @@ class TemporalTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = x.shape[2]
-        x = frames_to_batch(x)
-        bf, c, h, w = x.shape
-        hidden = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c))
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        hidden = self.proj_in(tokens(group_norm(self.norm, x, 1)))  # per frame, as upstream
         for block in self.transformer_blocks:
             hidden = block(hidden, frames)
-        hidden = self.proj_out(hidden).reshape(bf, h, w, c).permute(0, 3, 1, 2)
-        return batch_to_frames(hidden + x, frames)
+        return untokens(self.proj_out(hidden), h, w) + x
 
 
 class MotionModule(nn.Module):
@@ -224,5 +237,5 @@ class MotionModule(nn.Module):
             max_len if kwargs.get("temporal_position_encoding", True) else None,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.temporal_transformer(x)
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.temporal_transformer(x, frames)

@@ -117,6 +117,7 @@ class Components:
             model.to(device)
             if next(model.parameters()).dtype != dtype:  # diffusers warns on every cast, even a no-op one
                 model.to(dtype=dtype)
+        self.unet.to(memory_format=torch.channels_last)  # its activations' layout (models/blocks.py)
         return self
 
 

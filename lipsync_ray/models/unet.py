@@ -16,7 +16,16 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .blocks import Downsample3D, FrameConv2d, MotionModule, ResnetBlock3D, SpatialTransformer3D, Upsample3D
+from .blocks import (
+    Downsample3D,
+    MotionModule,
+    ResnetBlock3D,
+    SpatialTransformer3D,
+    Upsample3D,
+    from_frame_batch,
+    group_norm,
+    to_frame_batch,
+)
 
 DownType = Literal["CrossAttnDownBlock3D", "DownBlock3D"]
 UpType = Literal["CrossAttnUpBlock3D", "UpBlock3D"]
@@ -95,12 +104,12 @@ class _Block(nn.Module):
             else None
         )
 
-    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.resnets[i](x, temb)
+    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, frames: int) -> torch.Tensor:
+        x = self.resnets[i](x, temb, frames)
         if self.attentions is not None:
             x = self.attentions[i](x, context)
         if self.motion_modules is not None:
-            x = self.motion_modules[i](x)
+            x = self.motion_modules[i](x, frames)
         return x
 
 
@@ -109,10 +118,10 @@ class DownBlock(_Block):
         super().__init__(cfg, [in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, cross, motion, heads)
         self.downsamplers = None if last else nn.ModuleList([Downsample3D(out_ch, cfg.downsample_padding)])
 
-    def forward(self, x, temb, context):
+    def forward(self, x, temb, context, frames):
         skips = []
         for i in range(len(self.resnets)):
-            x = self.layer(i, x, temb, context)
+            x = self.layer(i, x, temb, context, frames)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -128,14 +137,14 @@ class UpBlock(_Block):
         super().__init__(cfg, resnet_in, out_ch, cross, motion, heads)
         self.upsamplers = None if last else nn.ModuleList([Upsample3D(out_ch)])
 
-    def forward(self, x, skips, temb, context, upsample_size=None, first: int = 0, keep: int | None = None):
+    def forward(self, x, skips, temb, context, frames, upsample_size=None, first: int = 0, keep: int | None = None):
         """-> (output, the features entering layer `keep`, or None)."""
         kept = None
         for i in range(first, len(self.resnets)):
             if i == keep:
                 kept = x
             x = torch.cat([x, skips.pop()], dim=1)
-            x = self.layer(i, x, temb, context)
+            x = self.layer(i, x, temb, context, frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x, kept
@@ -151,12 +160,12 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([SpatialTransformer3D(channels, heads, g, audio_dim)])
         self.motion_modules = nn.ModuleList([MotionModule(channels, cfg.motion_module_kwargs)]) if motion else None
 
-    def forward(self, x, temb, context):
-        x = self.resnets[0](x, temb)
+    def forward(self, x, temb, context, frames):
+        x = self.resnets[0](x, temb, frames)
         x = self.attentions[0](x, context)
         if self.motion_modules is not None:
-            x = self.motion_modules[0](x)
-        return self.resnets[1](x, temb)
+            x = self.motion_modules[0](x, frames)
+        return self.resnets[1](x, temb, frames)
 
 
 @dataclass
@@ -201,7 +210,7 @@ class UNet3DConditionModel(nn.Module):
                 and (decoder or not cfg.motion_module_decoder_only)
             )
 
-        self.conv_in = FrameConv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_proj = Timesteps(chs[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         self.time_embedding = TimestepEmbedding(chs[0], chs[0] * 4)
 
@@ -251,7 +260,7 @@ class UNet3DConditionModel(nn.Module):
             resolution //= 2
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
-        self.conv_out = FrameConv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | UNetConfig) -> "UNet3DConditionModel":
@@ -271,13 +280,15 @@ class UNet3DConditionModel(nn.Module):
 
         return load_unet_state_dict(self, path)
 
-    def _embed_time(self, timestep: int | float | torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    def _embed_time(self, timestep: int | float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """-> the timestep embedding, one row per frame of the frame batch."""
+        batch, frames = sample.shape[0], sample.shape[2]
         t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], dtype=torch.long)
         t = t.to(self.device).reshape(-1)
         t = t.expand(batch) if t.numel() == 1 else t
         if t.numel() != batch:
             raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch}")
-        return self.time_embedding(self.time_proj(t).to(dtype))
+        return self.time_embedding(self.time_proj(t).to(sample.dtype)).repeat_interleave(frames, 0)
 
     def forward(
         self,
@@ -312,33 +323,34 @@ class UNet3DConditionModel(nn.Module):
     # (`compile_steps`); DeepCache's bookkeeping stays in `forward`.
     def deep(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, keep_features: bool = False):
         """The full U-Net -> (noise prediction, DeepCache's features or None)."""
-        temb = self._embed_time(timestep, sample.shape[0], sample.dtype)
-        x = self.conv_in(sample)
+        frames, temb = sample.shape[2], self._embed_time(timestep, sample)
+        x = self.conv_in(to_frame_batch(sample))
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, context)
+            x, s = block(x, temb, context, frames)
             skips += s
-        x = self.mid_block(x, temb, context)
+        x = self.mid_block(x, temb, context, frames)
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             # upsample to the next skip's size, which also handles inputs not divisible by the total downsampling
             size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
             last = block is self.up_blocks[-1]
-            x, features = block(x, mine, temb, context, size, keep=DeepCache.layer(block) if last and keep_features else None)
-        return self._out(x), features  # the last block's: the only one asked to keep any
+            keep = DeepCache.layer(block) if last and keep_features else None
+            x, features = block(x, mine, temb, context, frames, size, keep=keep)
+        return self._out(x, frames), features  # the last block's: the only one asked to keep any
 
     def shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, features: torch.Tensor):
         """DeepCache's reuse step: conv_in, the first down layer, the last up block's last layers, conv_out."""
-        temb = self._embed_time(timestep, sample.shape[0], sample.dtype)
-        x = self.conv_in(sample)
+        frames, temb = sample.shape[2], self._embed_time(timestep, sample)
+        x = self.conv_in(to_frame_batch(sample))
         last = self.up_blocks[-1]
-        first = self.down_blocks[0].layer(0, x, temb, context)
-        x, _ = last(features, [x, first], temb, context, first=DeepCache.layer(last))
-        return self._out(x)
+        first = self.down_blocks[0].layer(0, x, temb, context, frames)
+        x, _ = last(features, [x, first], temb, context, frames, first=DeepCache.layer(last))
+        return self._out(x, frames)
 
-    def _out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+    def _out(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        return from_frame_batch(self.conv_out(F.silu(group_norm(self.conv_norm_out, x, frames))), frames)
 
     def compile_steps(self, **options) -> None:
         """torch.compile `deep` and `shallow` (options as torch.compile's); `forward` then runs the compiled ones."""
