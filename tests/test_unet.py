@@ -130,3 +130,19 @@ def test_deepcache_shallow_pass_matches_the_full_pass_on_the_same_input():
     torch.testing.assert_close(shallow, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(refreshed, full, rtol=0, atol=0)
     assert cache.calls == 3
+
+
+def test_activations_stay_channels_last_between_blocks(equivalence):
+    """Every convolution sees and returns the channels-last frame batch: no permute copies around them."""
+    model = UNet3DConditionModel.from_config(equivalence["config"]).eval().to(memory_format=torch.channels_last)
+    seen = []
+
+    def record(module, inputs, output):
+        seen.extend(t.is_contiguous(memory_format=torch.channels_last) for t in (inputs[0], output))
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(record)
+    with torch.no_grad():
+        model(equivalence["sample"][:1, :, :4], 10, torch.randn(4, 50, 64))
+    assert len(seen) == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) and all(seen)

@@ -26,7 +26,7 @@ from torch import nn
 def to_frame_batch(x: torch.Tensor) -> torch.Tensor:
     """(b, c, f, h, w) -> ((b f), c, h, w) in channels-last memory."""
     b, c, f, h, w = x.shape
-    return x.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c).permute(0, 3, 1, 2)
+    return x.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c).contiguous().permute(0, 3, 1, 2)
 
 
 def from_frame_batch(x: torch.Tensor, frames: int) -> torch.Tensor:
