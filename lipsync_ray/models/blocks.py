@@ -48,14 +48,18 @@ def untokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
     """`norm` with statistics over each run of `frames` consecutive frames of the frame batch (1: per frame),
-    i.e. upstream's GroupNorm on (b, c, f, h, w), without leaving channels-last. Statistics in float32."""
+    i.e. upstream's GroupNorm on (b, c, f, h, w), without leaving channels-last. As in native GroupNorm, the mean
+    and the affine map are float32 and the result is rounded once (torch.compile fuses the passes); the spread
+    comes from a Welford pass in x's dtype: relative precision suffices, and a standard deviation, unlike a
+    variance, cannot overflow fp16."""
     bf, c, h, w = x.shape
     g = norm.num_groups
     grouped = tokens(x).reshape(bf // frames, frames * h * w, g, c // g)
-    std, mean = torch.std_mean(grouped, dim=(1, 3), correction=0, keepdim=True)
-    scale = norm.weight.float().reshape(g, c // g) * torch.rsqrt(std.float().square() + norm.eps)
-    shift = norm.bias.float().reshape(g, c // g) - mean.float() * scale
-    return untokens(torch.addcmul(shift.to(x.dtype), grouped, scale.to(x.dtype)).reshape(bf, h * w, c), h, w)
+    mean = grouped.mean((1, 3), keepdim=True, dtype=torch.float32)
+    std = torch.std(grouped, (1, 3), correction=0, keepdim=True).float()
+    scale = norm.weight.float().reshape(g, c // g) * torch.rsqrt(std.square() + norm.eps)
+    shift = norm.bias.float().reshape(g, c // g) - mean * scale
+    return untokens(torch.addcmul(shift, grouped, scale).to(x.dtype).reshape(bf, h * w, c), h, w)
 
 
 class ResnetBlock3D(nn.Module):

@@ -191,7 +191,9 @@ class DeepCache:
 
 class UNet3DConditionModel(nn.Module):
     """Inputs: sample (b, 13, f, h, w) = noisy latents, mask, masked latents, reference latents;
-    timestep (int or tensor); encoder_hidden_states = per-frame audio tokens (b*f, n, d) or (b, f, n, d)."""
+    timestep (int or tensor); encoder_hidden_states = per-frame audio tokens (b*f, n, d) or (b, f, n, d).
+    Runs fastest with channels-last weights, `.to(memory_format=torch.channels_last)` (`Components.to` does it):
+    its activations are channels-last, and a convolution would otherwise convert its weight on every call."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
