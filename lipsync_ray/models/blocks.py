@@ -6,10 +6,10 @@ motion modules act per frame / per pixel, every convolution is 2-D applied frame
 Attention and timestep layers are diffusers' own; the feed-forward is diffusers' with contiguous GEGLU halves.
 
 Layout: upstream rearranges (b, c, f, h, w) <-> ((b f), c, h, w) around every convolution and transformer; the
-copies and strided kernels that follow took an eager forward from 141 to 169 ms (H100, 256 px). Here every block takes and returns the frame batch
-((b f), c, h, w) in channels-last memory, i.e. ((b f), h, w, c): convolutions run in the layout tensor cores
-prefer, the spatial transformer's tokens are a view of it, and clip-wide GroupNorm is a reduction over a view.
-Only the motion modules' attention across frames transposes.
+copies and strided kernels that follow took an eager forward from 141 to 169 ms (H100, 256 px). Here every block
+takes and returns the frame batch ((b f), c, h, w) in channels-last memory, i.e. ((b f), h, w, c): convolutions
+run in the layout tensor cores prefer, the spatial transformer's tokens are a view of it, and clip-wide GroupNorm
+is a reduction over a view. Only the motion modules' attention across frames transposes.
 """
 
 from __future__ import annotations

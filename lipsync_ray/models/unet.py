@@ -104,7 +104,7 @@ class _Block(nn.Module):
             else None
         )
 
-    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, frames: int) -> torch.Tensor:
+    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, frames: int):
         x = self.resnets[i](x, temb, frames)
         if self.attentions is not None:
             x = self.attentions[i](x, context)
@@ -325,8 +325,7 @@ class UNet3DConditionModel(nn.Module):
     # (`compile_steps`); DeepCache's bookkeeping stays in `forward`.
     def deep(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, keep_features: bool = False):
         """The full U-Net -> (noise prediction, DeepCache's features or None)."""
-        frames, temb = sample.shape[2], self._embed_time(timestep, sample)
-        x = self.conv_in(to_frame_batch(sample))
+        x, temb, frames = self._in(sample, timestep)
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, temb, context, frames)
@@ -344,12 +343,15 @@ class UNet3DConditionModel(nn.Module):
 
     def shallow(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, features: torch.Tensor):
         """DeepCache's reuse step: conv_in, the first down layer, the last up block's last layers, conv_out."""
-        frames, temb = sample.shape[2], self._embed_time(timestep, sample)
-        x = self.conv_in(to_frame_batch(sample))
+        x, temb, frames = self._in(sample, timestep)
         last = self.up_blocks[-1]
         first = self.down_blocks[0].layer(0, x, temb, context, frames)
         x, _ = last(features, [x, first], temb, context, frames, first=DeepCache.layer(last))
         return self._out(x, frames)
+
+    def _in(self, sample: torch.Tensor, timestep) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (conv_in's frame batch, the timestep embedding per frame, frames per clip)."""
+        return self.conv_in(to_frame_batch(sample)), self._embed_time(timestep, sample), sample.shape[2]
 
     def _out(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         return from_frame_batch(self.conv_out(F.silu(group_norm(self.conv_norm_out, x, frames))), frames)
