@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from .config import LipSyncConfig
-from .stages import Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, plan_video
+from .stages import Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, kept, plan_video
 
 A, B = TypeVar("A"), TypeVar("B")
 
@@ -138,7 +138,7 @@ class LipSyncPipeline:
             try:
                 for item in generated:
                     last = item.chunk.index == plan.chunks[-1].index
-                    own = item.flags if last else item.flags[: len(item.flags) - self.cfg.window_overlap]  # as stitched
+                    own = item.flags[: kept(plan, item.chunk, self.cfg.window_overlap)]  # as stitched
                     counts["faces"] += int(own.sum())
                     counts["faceless"] += int((~own).sum())
                     if last and counts["faces"] == 0 and self.cfg.on_no_face == "error":

@@ -185,6 +185,13 @@ class Generate:
         return item
 
 
+def kept(plan: VideoPlan, chunk: Chunk, overlap: int) -> int:
+    """How many of a chunk's frames `stitch` writes from it: all of the last chunk's, the others' up to the
+    frames they share with the next chunk (those are written from the next)."""
+    frames = chunk.stop - chunk.start
+    return frames if chunk.index == plan.chunks[-1].index else frames - overlap  # items may be copies: by index
+
+
 def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Iterator[tuple[int, np.ndarray, bool, np.ndarray]]:
     """Generated crops of chunks (in chunk order) -> every output frame in order as (frame, crop, has a face,
     matrix), the frames shared by neighbouring chunks crossfaded from the earlier chunk into the later one."""
@@ -195,9 +202,8 @@ def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Ite
             ramp = fade_out(len(carry))[:, None, None, None]
             crops = crops.copy()
             crops[: len(carry)] = np.round(carry * ramp + crops[: len(carry)] * (1 - ramp)).astype(np.uint8)
-        last = c.index == plan.chunks[-1].index  # items may be copies (from other processes)
-        keep = c.stop - c.start if last else c.stop - c.start - overlap
-        carry = crops[keep:] if not last and overlap else None
+        keep = kept(plan, c, overlap)
+        carry = crops[keep:] if keep < c.stop - c.start else None
         for i in range(keep):
             yield c.start + i, crops[i], bool(item.flags[i]), item.matrices[i]
 
