@@ -3,8 +3,10 @@
 Real-size LatentSync architecture with random weights (same FLOPs as the checkpoints), fp16, one chunk of
 `--windows` 16-frame windows with 4-frame overlaps, `--per-batch` windows per U-Net call. Prints frames/s of the
 stage, U-Net TFLOP/s and share of the dense fp16 peak and peak GPU memory, at 256 and 512 px,
-with and without DeepCache, eager and torch.compile'd. Then the output's precision against an fp32 run (max and
-mean difference in uint8 levels over one window's generated crops, same inputs and noise).
+with and without DeepCache, eager and torch.compile'd. Then the VAE's share: milliseconds to encode (reference and
+masked crops) and decode one 4-window batch, with the VAE's weights and inputs contiguous and channels-last. Then
+the output's precision against an fp32 run (max and mean difference in uint8 levels over one window's generated
+crops, same inputs and noise).
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 fps at 256 (DeepCache), 3.23 / 5.38 at 512; its U-Net
 at 142 / 190 TFLOP/s; 5.2 GiB of GPU memory at 256 (one window per U-Net call).
 
@@ -63,6 +65,33 @@ def run(model: str, n_windows: int, per_batch: int, deepcache: int, compile: boo
     }
 
 
+def vae_ms(model: str, frames: int = 64) -> list[tuple[str, float, float]]:
+    """(memory format, encode ms, decode ms) for one U-Net batch of `frames` crops: Generate encodes each crop twice
+    (reference and masked) and decodes once."""
+    diffusion = _diffusion(model)
+    images = torch.rand(2 * frames, 3, diffusion.resolution, diffusion.resolution, device="cuda", dtype=torch.float16) * 2 - 1
+    rows = []
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
+        diffusion.c.vae.to(memory_format=fmt)
+        x = images.contiguous(memory_format=fmt)
+        latents = diffusion._encode(x[:frames]).contiguous(memory_format=fmt)
+        rows.append((name, median_ms(lambda: diffusion._encode(x)), median_ms(lambda: diffusion._decode(latents))))
+    diffusion.c.vae.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def median_ms(fn, iters: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[iters // 2]
+
+
 def precision(model: str, compile: bool) -> list[tuple[str, float, float]]:
     """uint8 differences of one window's output from fp16 (eager, compiled) and bf16 against fp32."""
     res = get_preset(model).resolution
@@ -100,6 +129,9 @@ def main() -> None:
                     flush=True,
                 )
                 torch.cuda.empty_cache()
+    print("\n| model | VAE memory format | encode 128 crops ms | decode 64 latents ms |\n|---|---|---|---|")
+    for name, enc, dec in vae_ms(args.models[0]):
+        print(f"| {args.models[0]} | {name} | {enc:.1f} | {dec:.1f} |", flush=True)
     print("\n| model | precision | max uint8 diff vs fp32 | mean uint8 diff vs fp32 |\n|---|---|---|---|")
     for name, worst, mean in precision(args.models[0], bool(args.compiled_per_batch)):
         print(f"| {args.models[0]} | {name} | {worst:.0f} | {mean:.3f} |", flush=True)

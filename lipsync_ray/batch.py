@@ -52,7 +52,9 @@ class BatchConfig(BaseModel):
     gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
     prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
     generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
-    chunks_per_batch: int = Field(2, ge=1, description="chunks per Generate call")
+    chunks_per_batch: int = Field(
+        1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
+    )
     prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
 
     @property

@@ -212,8 +212,9 @@ class Compose:
     """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move.
     `device` is where faces are pasted back (the in-process pipeline passes its GPU).
 
-    On a GPU, pasting runs on a CUDA stream of its own. Each pasted frame waits for its result; on the default
-    stream that wait would also cover all the diffusion work that Generate (another thread) has queued there."""
+    On a GPU, pasting runs on a CUDA stream of its own, at high priority. Each pasted frame waits for its result:
+    on the default stream that wait would also cover all the diffusion work that Generate (another thread) has
+    queued there, and at normal priority its small kernels would queue behind the U-Net's for free SMs."""
 
     resources = {"num_cpus": 1}
 
@@ -222,7 +223,7 @@ class Compose:
 
     def setup(self) -> None:
         self.aligner = FaceAligner(self.cfg.preset().resolution, self.device)
-        self.stream = torch.cuda.Stream(self.device) if torch.device(self.device).type == "cuda" else None
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if torch.device(self.device).type == "cuda" else None
 
     def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
         """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
