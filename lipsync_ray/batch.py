@@ -37,7 +37,7 @@ from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import LipSyncConfig
 from .media import MediaError
-from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, plan_video
+from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, lower_priority, plan_video
 
 
 class BatchConfig(BaseModel):
@@ -113,6 +113,7 @@ class PrepareActor:
     """Ray Data wrapper of Prepare: decode, detect, align and compute audio tokens for each chunk row."""
 
     def __init__(self, job_json: str):
+        lower_priority()  # Generate actors may share the node
         self.job = BatchConfig.model_validate_json(job_json)
         self.inputs = storage.InputCache(self.job.storage_options)
         self.stage = Prepare(self.job.pipeline, self.inputs)

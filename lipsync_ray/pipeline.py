@@ -22,7 +22,9 @@ from typing import TypeVar
 import torch
 
 from .config import LipSyncConfig
-from .stages import Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, kept, plan_video
+from .stages import (
+    Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, kept, lower_priority, plan_video,
+)
 
 A, B = TypeVar("A"), TypeVar("B")
 
@@ -67,6 +69,7 @@ def _start_worker(cfg_json: str, threads: int) -> None:
     """Process-pool initializer: set Prepare up once. A setup error is kept and raised by every call, so it
     reaches the caller with its message (an initializer's own exception would only break the pool)."""
     global _worker
+    lower_priority()
     torch.set_num_threads(threads)  # the workers and the main process's stages share the cores
     try:
         _worker = Prepare(LipSyncConfig.model_validate_json(cfg_json))

@@ -6,6 +6,7 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from .storage import InputCache
 
 
 ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
+PREPARE_NICE = 5  # how much lower the CPU priority of Prepare's worker processes is than the GPU stage's
 
 
 class NoFaceError(MediaError):
@@ -145,6 +147,12 @@ class Prepare:
             self.whisper, self._waveform(plan.audio), range(chunk.start, chunk.stop), self.cfg.audio_mode, plan.ceiling
         )
         return PreparedChunk(chunk, crops, matrices[lead:], flags, audio)
+
+
+def lower_priority() -> None:
+    """Let this process (a Prepare worker) yield the CPU to the GPU stage: Prepare works ahead and can wait, but a
+    thread that launches the GPU's kernels and waits for a core leaves the GPU idle. Threads started later inherit it."""
+    os.nice(PREPARE_NICE)
 
 
 def _fill_gaps(crops: np.ndarray, flags: np.ndarray) -> None:
