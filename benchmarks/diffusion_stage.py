@@ -75,21 +75,25 @@ def vae_ms(model: str, frames: int = 64) -> list[tuple[str, float, float]]:
         diffusion.c.vae.to(memory_format=fmt)
         x = images.contiguous(memory_format=fmt)
         latents = diffusion._encode(x[:frames]).contiguous(memory_format=fmt)
-        rows.append((name, median_ms(lambda: diffusion._encode(x)), median_ms(lambda: diffusion._decode(latents))))
+        rows.append((name, median_ms(lambda: diffusion._encode(x), 5), median_ms(lambda: diffusion._decode(latents), 5)))
     diffusion.c.vae.to(memory_format=torch.contiguous_format)
     return rows
 
 
-def median_ms(fn, iters: int = 5) -> float:
-    fn()
+def median_ms(fn, iters: int) -> float:
+    """Median GPU milliseconds of one `fn()` over `iters` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[iters // 2]
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def precision(model: str, compile: bool) -> list[tuple[str, float, float]]:

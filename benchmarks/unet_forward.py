@@ -21,27 +21,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from diffusion_stage import TFLOP_PER_FORWARD  # this folder is on sys.path when run as a script
+from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
-
-
-def median_ms(fn, iters: int) -> float:
-    """Median GPU milliseconds of one `fn()` over `iters` calls, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def time_forward(model, sample, ehs, iters: int) -> float:
