@@ -5,9 +5,10 @@ checkpoints. One forward = batch 2 (both guidance halves) x 16 frames, as upstre
 Upstream on one H100 (shared/perf): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16).
 `--windows N` times N windows per call (our pipeline's default is 4); `--profile` prints, per variant, where the
 GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fused, copies) and the top kernels;
-`--attention` times each of the U-Net's attention shapes under every SDPA backend.
+`--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
+to a multiple of 64, and as explicit matmuls and softmax compiled by Inductor.
 
-    python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
+    python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--autotune] [--windows 1 4] [--profile] [--attention]
 """
 
 from __future__ import annotations
@@ -100,16 +101,40 @@ def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, 
     return shapes
 
 
+def _sdpa(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _padded_sdpa(q, k, v):
+    d = q.shape[-1]
+    pad = -d % 64
+    if not pad:
+        return F.scaled_dot_product_attention(q, k, v)
+    q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)[..., :d]
+
+
+def _explicit_attention(q, k, v):
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
 def attention_table(cfg: dict, res: int, windows: int) -> None:
     """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as
     diffusers' processor passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    variants = {name: (lambda q, k, v, c=choice: _sdpa(q, k, v, c)) for name, choice in backends.items()}
+    variants["pad64"] = _padded_sdpa  # head dim zero-padded to a multiple of 64: the same result
+    variants["compiled"] = torch.compile(_explicit_attention, dynamic=False)  # Inductor's own kernels
+    torch._dynamo.config.recompile_limit = 64  # one compile per shape
     print(f"\nAttention, {res} px, {windows} window(s): ms per forward (calls x ms per call)")
-    print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in backends))
-    totals: dict[str, float | None] = dict.fromkeys(backends, 0.0)  # None: some shape has no kernel
+    print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in variants))
+    totals: dict[str, float | None] = dict.fromkeys(variants, 0.0)  # None: some shape has no kernel
     for name, calls, qs, ks in attention_shapes(cfg, res, windows):
         def make(shape):
             b, h, n, d = shape
@@ -117,10 +142,9 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
 
         q, k, v = make(qs), make(ks), make(ks)
         cells = []
-        for backend, choice in backends.items():
+        for backend, fn in variants.items():
             try:
-                with sdpa_kernel(choice) if choice is not None else contextlib.nullcontext():
-                    ms = calls * median_ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
+                ms = calls * median_ms(lambda: fn(q, k, v), 10)
                 totals[backend] = None if totals[backend] is None else totals[backend] + ms
                 cells.append(f"{ms:9.2f}")
             except RuntimeError:
@@ -135,6 +159,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (fp16)")
     ap.add_argument("--cudagraphs", action="store_true", help="also time torch.compile with CUDA graphs (fp16)")
+    ap.add_argument("--autotune", action="store_true", help="also time torch.compile max-autotune (Triton GEMM and conv templates, fp16)")
     ap.add_argument("--windows", type=int, nargs="+", default=[1], help="16-frame windows per call (x2 for guidance)")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], choices=[256, 512])
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
@@ -159,6 +184,7 @@ def main() -> None:
             if dtype == torch.float16:
                 variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []
                 variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead", dynamic=False))] if args.cudagraphs else []
+                variants += [("autotune", torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False))] if args.autotune else []
             for res in args.resolutions:
                 lat = res // 8
                 for n in args.windows:

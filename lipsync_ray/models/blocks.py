@@ -3,13 +3,14 @@
 Module and parameter names follow the published checkpoints exactly; numerics follow upstream LatentSync
 (an AnimateDiff-style U-Net): ResNet GroupNorms normalise over all frames of a clip, spatial transformers and
 motion modules act per frame / per pixel, every convolution is 2-D applied frame by frame.
-Attention and timestep layers are diffusers' own; the feed-forward is diffusers' with contiguous GEGLU halves.
+Attention and timestep layers are diffusers' own (temporal attention with its own forward, below); the feed-forward
+is diffusers' with contiguous GEGLU halves.
 
 Layout: upstream rearranges (b, c, f, h, w) <-> ((b f), c, h, w) around every convolution and transformer; the
 copies and strided kernels that follow took an eager forward from 141 to 169 ms (H100, 256 px). Here every block
 takes and returns the frame batch ((b f), c, h, w) in channels-last memory, i.e. ((b f), h, w, c): convolutions
 run in the layout tensor cores prefer, the spatial transformer's tokens are a view of it, and clip-wide GroupNorm
-is a reduction over a view. Only the motion modules' attention across frames transposes.
+is a reduction over a view. The motion modules attend across frames in that layout too (a strided view).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def to_frame_batch(x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +178,31 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.register_buffer("pe", pe)  # persistent: it is part of the published state dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > self.pe.shape[1]:
-            raise ValueError(f"{x.shape[1]} frames exceed the temporal position table ({self.pe.shape[1]})")
-        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+        """x: (batch, frames, ..., dim)."""
+        frames = x.shape[1]
+        if frames > self.pe.shape[1]:
+            raise ValueError(f"{frames} frames exceed the temporal position table ({self.pe.shape[1]})")
+        pe = self.pe[0, :frames].to(x.dtype)
+        return x + pe.reshape(frames, *[1] * (x.dim() - 3), pe.shape[-1])
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over the few frames of each (clip, pixel, head). On a GPU, memory-efficient attention: on
+    16-token sequences it beats cuDNN's and flash attention, alone (H100, level 0 at 256 px: 7.5 against 10.9 and
+    15.4 ms per forward) and in the whole U-Net (H200, 256 px: 129.6 against 133.7 ms eager, 102.8 against 107.0
+    compiled)."""
+    if q.is_cuda:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class TemporalSelfAttention(Attention):
-    """Self-attention across the frames of each pixel, with positional encoding added to its input."""
+    """Self-attention across the frames of each pixel, with positional encoding added to its input.
+
+    The frame batch ((b f), pixels, c) is attended to in place: (pixel, head) pairs are one strided dimension of
+    a (b, pixels*heads, f, head_dim) view, so neither the input nor the output is transposed to per-pixel
+    sequences, as upstream does ("(b f) d c -> (b d) f c")."""
 
     def __init__(self, dim: int, heads: int, max_len: int | None):
         super().__init__(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False)
@@ -190,11 +210,16 @@ class TemporalSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
         bf, pixels, c = x.shape
-        x = x.reshape(bf // frames, frames, pixels, c).transpose(1, 2).reshape(-1, frames, c)
+        b = bf // frames
+        x = x.reshape(b, frames, pixels, c)
         if self.pos_encoder is not None:
             x = self.pos_encoder(x)
-        x = super().forward(x)
-        return x.reshape(bf // frames, pixels, frames, c).transpose(1, 2).reshape(bf, pixels, c)
+        q, k, v = (
+            proj(x).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        out = frame_attention(q, k, v).transpose(1, 2).reshape(bf, pixels, c)
+        return self.to_out[1](self.to_out[0](out))
 
 
 class TemporalTransformerBlock(nn.Module):
