@@ -50,6 +50,24 @@ def test_alignment_and_restore_reproduce_upstream(contract, res):
     assert 0.5 * ref["restore_changed_pixels"] < changed.sum() < 1.5 * ref["restore_changed_pixels"]
 
 
+def test_restoring_frames_together_equals_one_at_a_time(contract):
+    """A batch is pasted in regions of one common size; each frame must come out as when pasted alone (up to
+    float rounding): faces at different places, one at the frame's edge, one smaller (another blur size)."""
+    frames = np.concatenate([torch.stack(contract["frames"]).numpy()] * 2)
+    aligner = FaceAligner(256)
+    m, _ = aligner.estimate(np.concatenate([torch.stack(contract["landmarks3"]).numpy()] * 2))
+    m[1, :, 2] -= m[1, :, :2] @ torch.tensor([150.0, 0.0])
+    m[2, :, 2] -= m[2, :, :2] @ torch.tensor([-100.0, 80.0])
+    m[3, :, :2] *= 1.4
+    faces = torch.rand(4, 3, aligner.face_h, aligner.face_w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    together = aligner.restore(frames, faces, m)
+    alone = torch.cat([aligner.restore(frames[i : i + 1], faces[i : i + 1], m[i : i + 1]) for i in range(4)])
+    assert (together.int() - alone.int()).abs().max() <= 1
+    assert (together != alone).float().mean() < 1e-4
+    changed = [int((alone[i].int() - torch.as_tensor(frames[i]).int()).abs().amax(-1).gt(0).sum()) for i in range(4)]
+    assert min(changed[:3]) > 20000 and 5000 < changed[3] < 0.7 * changed[0]
+
+
 def test_warp_reads_only_the_crop_region_and_fills_outside_the_frame(contract):
     """The warp converts only the region each crop samples; a face half out of the frame still gets the fill
     colour where a whole-frame warp would, and the same pixels elsewhere."""

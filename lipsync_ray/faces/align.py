@@ -140,16 +140,25 @@ class FaceAligner:
         """Paste faces (F, 3, face_h, face_w) in [-1, 1] back into frames (F, H, W, 3) uint8 -> uint8.
 
         Only the region around each face is processed: outside it the mask is zero and the frame is kept, so the
-        result equals a full-frame restore at a fraction of the cost.
+        result equals a full-frame restore at a fraction of the cost. The F regions are cut at one common size,
+        each still covering its own face, and pasted in one batch: on a GPU that is a few dozen kernels and two
+        waits for the whole batch instead of for every frame.
         """
         out = torch.as_tensor(np.asarray(frames)).clone()
+        if out.shape[0] == 0:
+            return out
+        h, w = out.shape[1:3]
         inv = kornia.geometry.transform.invert_affine_transform(matrices.to(torch.float32).cpu())
-        for i in range(out.shape[0]):
-            y0, y1, x0, x1 = self._face_region(inv[i], out.shape[1], out.shape[2])
-            local = inv[i : i + 1].clone()
-            local[:, 0, 2] -= x0
-            local[:, 1, 2] -= y0
-            out[i, y0:y1, x0:x1] = self._restore_region(out[i : i + 1, y0:y1, x0:x1], faces[i : i + 1], local)[0]
+        regions = [self._face_region(m, h, w) for m in inv]
+        rh, rw = max(y1 - y0 for y0, y1, _, _ in regions), max(x1 - x0 for _, _, x0, x1 in regions)
+        corners = [(min(y0, h - rh), min(x0, w - rw)) for y0, _, x0, _ in regions]  # grown down / right, or back
+        local = inv.clone()
+        local[:, 1, 2] -= torch.tensor([float(y) for y, _ in corners])
+        local[:, 0, 2] -= torch.tensor([float(x) for _, x in corners])
+        cut = torch.stack([frame[y : y + rh, x : x + rw] for frame, (y, x) in zip(out, corners)])
+        pasted = self._restore_region(cut, faces, local)
+        for frame, (y, x), region in zip(out, corners, pasted):
+            frame[y : y + rh, x : x + rw] = region
         return out
 
     def _face_region(self, inv: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
@@ -174,9 +183,9 @@ class FaceAligner:
             faces.to(self.device, self.dtype), inv, (h, w), mode="bilinear", padding_mode="fill", fill_value=fill
         )
         face = (face / 2 + 0.5).clamp(0, 1) * 255
-        ones = torch.ones(1, 1, self.face_h, self.face_w, device=self.device, dtype=self.dtype)
+        ones = torch.ones(len(inv), 1, self.face_h, self.face_w, device=self.device, dtype=self.dtype)
         mask = erode(kornia.geometry.transform.warp_affine(ones, inv, (h, w), padding_mode="zeros"), 2)
-        soft = soft_edge(mask)  # kernel sizes depend on the face's area
+        soft = soft_edge(mask)  # kernel sizes depend on each face's area
         out = soft * (mask * face) + (1 - soft) * img
         return out.permute(0, 2, 3, 1).to(torch.uint8).cpu()
 
@@ -191,12 +200,17 @@ def erode(x: torch.Tensor, k: int) -> torch.Tensor:
     return (-F.max_pool2d(rows, (1, k), stride=1)).to(x.dtype)
 
 
-def soft_edge(mask: torch.Tensor) -> torch.Tensor:
-    """Shrink the pasted region by ~1/10 of the face's size and feather it: upstream's restore mask."""
-    w_edge = int(float(mask.float().sum()) ** 0.5) // 20
-    blur = w_edge * 2 + 1
-    sigma = 0.3 * ((blur - 1) * 0.5 - 1) + 0.8
-    return kornia.filters.gaussian_blur2d(erode(mask, w_edge * 2), (blur, blur), (sigma, sigma))
+def soft_edge(masks: torch.Tensor) -> torch.Tensor:
+    """Shrink each pasted region (F, 1, H, W) by ~1/10 of its face's size and feather it: upstream's restore mask.
+    Frames whose faces give the same kernel sizes are filtered together."""
+    edges = (masks.double().sum((1, 2, 3)).cpu().sqrt().floor().long() // 20).tolist()
+    soft = torch.empty_like(masks)
+    for w_edge in sorted(set(edges)):
+        same = [i for i, e in enumerate(edges) if e == w_edge]
+        blur = w_edge * 2 + 1
+        sigma = 0.3 * ((blur - 1) * 0.5 - 1) + 0.8
+        soft[same] = kornia.filters.gaussian_blur2d(erode(masks[same], w_edge * 2), (blur, blur), (sigma, sigma))
+    return soft
 
 
 def three_points_from_106(landmarks: np.ndarray) -> np.ndarray:
