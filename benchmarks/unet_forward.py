@@ -8,7 +8,7 @@ GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fus
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
 to a multiple of 64, and as explicit matmuls and softmax compiled by Inductor.
 
-    python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--autotune] [--windows 1 4] [--profile] [--attention]
+    python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
 """
 
 from __future__ import annotations
@@ -159,7 +159,6 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (fp16)")
     ap.add_argument("--cudagraphs", action="store_true", help="also time torch.compile with CUDA graphs (fp16)")
-    ap.add_argument("--autotune", action="store_true", help="also time torch.compile max-autotune (Triton GEMM and conv templates, fp16)")
     ap.add_argument("--windows", type=int, nargs="+", default=[1], help="16-frame windows per call (x2 for guidance)")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], choices=[256, 512])
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
@@ -184,7 +183,6 @@ def main() -> None:
             if dtype == torch.float16:
                 variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []
                 variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead", dynamic=False))] if args.cudagraphs else []
-                variants += [("autotune", torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False))] if args.autotune else []
             for res in args.resolutions:
                 lat = res // 8
                 for n in args.windows:
