@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
@@ -102,8 +103,6 @@ def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, 
 
 
 def _sdpa(q, k, v, backend):
-    from torch.nn.attention import sdpa_kernel
-
     with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v)
 
@@ -124,8 +123,6 @@ def _explicit_attention(q, k, v):
 def attention_table(cfg: dict, res: int, windows: int) -> None:
     """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as
     diffusers' processor passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
-    from torch.nn.attention import SDPBackend
-
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     variants = {name: (lambda q, k, v, c=choice: _sdpa(q, k, v, c)) for name, choice in backends.items()}

@@ -254,11 +254,13 @@ class Compose:
 
     def _paste(self, plan: VideoPlan, reader: FrameReader, group) -> list[np.ndarray]:
         frames = [reader[int(plan.source_map[f])] for f, *_ in group]
-        faces = [i for i, (_, _, has_face, _) in enumerate(group) if has_face]
-        if faces:
-            crops = torch.from_numpy(np.stack([group[i][1] for i in faces])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            matrices = torch.from_numpy(np.stack([group[i][3] for i in faces]))
-            pasted = self.aligner.restore(np.stack([frames[i] for i in faces]), self.aligner.from_model_size(crops), matrices)
-            for i, frame in zip(faces, pasted.numpy()):
+        with_face = [i for i, (_, _, has_face, _) in enumerate(group) if has_face]
+        if with_face:
+            crops = torch.from_numpy(np.stack([group[i][1] for i in with_face])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            matrices = torch.from_numpy(np.stack([group[i][3] for i in with_face]))
+            pasted = self.aligner.restore(
+                np.stack([frames[i] for i in with_face]), self.aligner.from_model_size(crops), matrices
+            )
+            for i, frame in zip(with_face, pasted.numpy()):
                 frames[i] = frame
         return frames
