@@ -98,7 +98,8 @@ def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, 
         calls = 5 if level < levels - 1 else 1
         shapes.append((f"spatial L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, side * side, d)))
         shapes.append((f"audio L{level}", calls, (clips * frames, heads, side * side, d), (clips * frames, heads, 50, d)))
-        shapes.append((f"temporal L{level}", 10, (clips * side * side, heads, frames, d), (clips * side * side, heads, frames, d)))
+        # temporal, as the U-Net attends (models/blocks.py): (pixel, head) pairs are one dimension of the frame batch
+        shapes.append((f"temporal L{level}", 10, (clips, side * side * heads, frames, d), (clips, side * side * heads, frames, d)))
     return shapes
 
 
@@ -121,8 +122,8 @@ def _explicit_attention(q, k, v):
 
 
 def attention_table(cfg: dict, res: int, windows: int) -> None:
-    """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as
-    diffusers' processor passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
+    """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as the U-Net
+    passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     variants = {name: (lambda q, k, v, c=choice: _sdpa(q, k, v, c)) for name, choice in backends.items()}
