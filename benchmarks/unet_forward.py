@@ -6,9 +6,10 @@ Upstream on one H100 (shared/perf): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16)
 `--windows N` times N windows per call (our pipeline's default is 4); `--profile` prints, per variant, where the
 GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fused, copies) and the top kernels;
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
-to a multiple of 64, and as explicit matmuls and softmax compiled by Inductor.
+to a multiple of 64, as explicit matmuls and softmax compiled by Inductor, and (temporal shapes) our Triton kernel.
 
     python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
+        [--frame-kernel-sweep]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
+from lipsync_ray.models import frame_attention as frame_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
@@ -121,6 +123,31 @@ def _explicit_attention(q, k, v):
     return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
 
 
+def _frame_kernel(q, k, v):
+    if not frame_kernel.supported(q):
+        raise RuntimeError("not a frame-attention shape")
+    return frame_kernel.attention(q, k, v)
+
+
+def frame_kernel_sweep() -> None:
+    """Microseconds per call of the frame-attention kernel at each block size (pairs per program) and warp count,
+    on the U-Net's temporal shapes with 4 windows: levels 0-2 at 256 px, then level 0 at 512 px."""
+    print("\nFrame-attention kernel: us per call, by pairs per program / warps")
+    for pairs, d in [(1024 * 8, 40), (256 * 8, 80), (64 * 8, 160), (4096 * 8, 40)]:
+        q, k, v = (
+            torch.randn(8, 16, pairs * d, device="cuda", dtype=torch.float16).view(8, 16, pairs, d).transpose(1, 2)
+            for _ in range(3)
+        )
+        cells = []
+        for block in (1, 2, 4, 8, 16):
+            for warps in (1, 2, 4, 8):
+                try:
+                    cells.append(f"{block}/{warps}: {1000 * median_ms(lambda: frame_kernel.launch(q, k, v, block, warps), 10):.0f}")
+                except Exception as err:  # Triton: out of registers or shared memory
+                    cells.append(f"{block}/{warps}: {type(err).__name__}")
+        print(f"pairs {pairs} dim {d}: " + ", ".join(cells), flush=True)
+
+
 def attention_table(cfg: dict, res: int, windows: int) -> None:
     """Milliseconds per forward of each attention shape under each SDPA backend (q, k, v laid out as the U-Net
     passes them: (batch, len, heads*dim) viewed as (batch, heads, len, dim))."""
@@ -129,6 +156,7 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
     variants = {name: (lambda q, k, v, c=choice: _sdpa(q, k, v, c)) for name, choice in backends.items()}
     variants["pad64"] = _padded_sdpa  # head dim zero-padded to a multiple of 64: the same result
     variants["compiled"] = torch.compile(_explicit_attention, dynamic=False)  # Inductor's own kernels
+    variants["triton"] = _frame_kernel  # ours, for the temporal shapes
     torch._dynamo.config.recompile_limit = 64  # one compile per shape
     print(f"\nAttention, {res} px, {windows} window(s): ms per forward (calls x ms per call)")
     print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in variants))
@@ -161,11 +189,14 @@ def main() -> None:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], choices=[256, 512])
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
     ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
+    ap.add_argument("--frame-kernel-sweep", action="store_true", help="the frame-attention kernel's block sizes")
     args = ap.parse_args()
     cfg = yaml.safe_load((ROOT / "configs/unet/stage2.yaml").read_text())["model"]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.frame_kernel_sweep:
+        frame_kernel_sweep()
     if args.attention:
         with torch.no_grad():
             for res in args.resolutions:

@@ -180,3 +180,44 @@ def test_frame_batch_group_norm_matches_native_group_norm(dtype, per_frame):
     # contract's tolerance; in fp16 and bf16 both round once from float32
     slack = 1e-5 if dtype == torch.float32 else 0.0
     assert (ours.double() - ref).abs().max() <= 1.25 * native_err + slack
+
+
+# Runs in a subprocess: Triton reads TRITON_INTERPRET when its kernels are defined. Inputs are laid out as the
+# motion modules pass them, (pixel, head) pairs strided inside the frame batch; frame counts and head dims include
+# ones that tl.dot must pad (5 frames, head dim 40 and 80).
+FRAME_KERNEL_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from lipsync_ray.models import frame_attention as kernel
+from lipsync_ray.models.blocks import TemporalSelfAttention
+
+torch.manual_seed(0)
+worst = 0.0
+for clips, pixels, heads, frames, dim in [(2, 6, 8, 16, 40), (1, 5, 2, 5, 80), (1, 3, 2, 16, 160)]:
+    x = torch.randn(clips, frames, pixels, 3, heads * dim).half()
+    q, k, v = (x[:, :, :, i].reshape(clips, frames, pixels * heads, dim).transpose(1, 2) for i in range(3))
+    assert kernel.supported(q)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    worst = max(worst, (kernel.attention(q, k, v).float() - expected).abs().max().item())
+attention = TemporalSelfAttention(80, 2, max_len=24)
+tokens = torch.randn(2 * 16, 6, 80)
+expected = attention(tokens, 16)  # float32: SDPA
+module = (attention.half()(tokens.half(), 16).float() - expected).abs().max().item() / expected.abs().max().item()
+print(worst, module)
+"""
+
+
+def test_frame_attention_kernel_matches_sdpa():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FRAME_KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst, module = map(float, done.stdout.split())
+    assert worst < 4e-3  # fp16 rounding of outputs up to ~3
+    assert module < 1e-2  # the whole fp16 module against float32

@@ -24,6 +24,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import frame_attention as frame_kernel
+
 
 def to_frame_batch(x: torch.Tensor) -> torch.Tensor:
     """(b, c, f, h, w) -> ((b f), c, h, w) in channels-last memory."""
@@ -187,10 +189,12 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over the few frames of each (clip, pixel, head). On a GPU, memory-efficient attention: on
-    16-token sequences it beats cuDNN's and flash attention, alone (H100, level 0 at 256 px, in upstream's transposed
-    layout: 7.5 against 10.9 and 15.4 ms per forward) and in the whole U-Net (H200, 256 px: 129.6 against 133.7 ms eager, 102.8 against 107.0
-    compiled)."""
+    """Attention over the few frames of each (clip, pixel, head): on a GPU in fp16 / bf16 the Triton kernel of
+    `frame_kernel`; otherwise SDPA, on a GPU its memory-efficient kernel, which beats cuDNN's and flash attention
+    on 16-token sequences (H100, level 0 at 256 px, in upstream's transposed layout: 7.5 against 10.9 and 15.4 ms
+    per forward; H200, whole U-Net at 256 px: 129.6 against 133.7 ms eager, 102.8 against 107.0 compiled)."""
+    if frame_kernel.supported(q):
+        return frame_kernel.attention(q, k, v)
     if q.is_cuda:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v)
