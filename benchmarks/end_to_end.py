@@ -8,10 +8,11 @@ on that many GPUs. Prints one table row per run:
   overlap, so the slowest stage bounds the end-to-end rate);
 - U-Net TFLOP/s over the Generate stage's time (VAE included, so a lower bound) and its share of `--peak`;
 - GPU busy fraction (NVML's utilisation, sampled every 0.1 s, mean over the run and the GPUs used);
-- peak GPU memory (NVML, per GPU) and peak host memory (RSS of this process and all its children).
+- peak GPU memory (plain: allocated / reserved by PyTorch; Ray: NVML, per GPU) and peak host memory (RSS of this
+  process and all its children).
 
     python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
-        [--deepcache 0 3] [--overlap 4] [--windows-per-chunk 4] [--compile] [--prepare-workers 2]
+        [--deepcache 0 3] [--overlap 4] [--windows-per-chunk 4] [--compile] [--cuda-graphs on off] [--prepare-workers 2]
         [--ray-gpus 1 2 4 --ray-videos-per-gpu 6]
 
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
@@ -21,6 +22,8 @@ Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (wit
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import os
 import tempfile
@@ -139,6 +142,8 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
         "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        # CUDA graphs keep their own memory pools: what they hold between replays is reserved, not allocated
+        "gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
     }
 
 
@@ -196,6 +201,7 @@ def main() -> None:
     parser.add_argument("--windows-per-batch", type=int, default=4)
     parser.add_argument("--windows-per-chunk", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
+    parser.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="U-Net steps as CUDA graphs")
     parser.add_argument("--prepare-workers", type=int, default=0, help="plain pipeline: Prepare in N processes")
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
@@ -208,18 +214,18 @@ def main() -> None:
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| path | model | res | DeepCache | overlap | windows/chunk | compile | prepare workers | frames | e2e fps "
+    print("| path | model | res | DeepCache | overlap | windows/chunk | compile | CUDA graphs | prepare workers | frames | e2e fps "
           "| fill / drain s | prepare fps | generate fps | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
-          "| peak GPU GiB | peak host GiB |")
-    print("|" + "---|" * 20, flush=True)
+          "| peak GPU GiB (allocated / reserved) | peak host GiB |")
+    print("|" + "---|" * 21, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for model in args.models:
-            for deepcache in args.deepcache:
+            for deepcache, graphs in itertools.product(args.deepcache, args.cuda_graphs):
                 cfg = LipSyncConfig(
                     model=model, deepcache=deepcache, window_overlap=args.overlap, compile=args.compile,
-                    prepare_workers=args.prepare_workers, windows_per_batch=args.windows_per_batch,
-                    windows_per_chunk=args.windows_per_chunk, device=args.device,
+                    cuda_graphs=graphs == "on", prepare_workers=args.prepare_workers,
+                    windows_per_batch=args.windows_per_batch, windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
                 res = cfg.preset().resolution
                 runs = [] if args.no_plain else [("plain", lambda: plain(cfg, args.video, args.audio, out))]
@@ -231,14 +237,15 @@ def main() -> None:
                     r = fn()
                     tfl = r.get("unet_tflops")
                     print(
-                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} "
+                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} | {graphs} "
                         f"| {cfg.prepare_workers if path == 'plain' else ''} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_drain', '')} "
                         f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
-                        f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} "
+                        f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} / {_fmt(r.get('gpu_reserved_gib'), '.2f')} "
                         f"| {r['host_gib']:.2f} |", flush=True,
                     )
-                    if torch.cuda.is_available():
+                    if torch.cuda.is_available():  # so the next run's peak GPU memory is its own
+                        gc.collect()
                         torch.cuda.empty_cache()
 
 

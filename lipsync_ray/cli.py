@@ -30,6 +30,7 @@ Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (d
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
+CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="GPU: replay the U-Net's steps as CUDA graphs.")]
 PrepareWorkers = Annotated[int, typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread.")]
 
 
@@ -98,6 +99,7 @@ def run(
     device: Device = "auto",
     windows_per_chunk: WindowsPerChunk = 8,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = True,
     prepare_workers: PrepareWorkers = 0,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
@@ -152,6 +154,7 @@ def batch(
     checkpoints: Checkpoints = None,
     windows_per_chunk: WindowsPerChunk = 8,
     compile: Compile = False,
+    cuda_graphs: CudaGraphs = True,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
     prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
     generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",

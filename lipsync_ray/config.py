@@ -30,6 +30,9 @@ class LipSyncConfig(BaseModel):
     windows_per_chunk: int = Field(8, ge=1)
     windows_per_batch: int = Field(4, ge=1, description="windows per U-Net call")
     compile: bool = Field(False, description="torch.compile the U-Net (GPU: a slower first chunk, faster after)")
+    cuda_graphs: bool = Field(
+        True, description="GPU: replay the U-Net's steps as CUDA graphs (a video's last U-Net batch is then padded to full)"
+    )
     prepare_workers: int = Field(0, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread)")
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")

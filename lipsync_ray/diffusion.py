@@ -14,6 +14,7 @@ window size, so its activations never exceed upstream's whatever the U-Net batch
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from importlib import resources
 
@@ -50,17 +51,24 @@ class DiffusionParams:
 class LipSyncDiffusion:
     def __init__(
         self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        compile: bool = False, pad_batches: bool | None = None,
+        compile: bool = False, cuda_graphs: bool = False, pad_batches: bool | None = None,
     ):
         """`compile`: torch.compile the U-Net's steps (each new batch shape compiles once, then runs fused).
-        `pad_batches` (default: when compiled) fills a short last batch up to `windows_per_batch` with copies of
-        its last window, whose outputs are dropped: the U-Net then sees one batch shape, so it compiles once
-        instead of once per leftover window count. Windows in a batch do not interact, so outputs are unchanged."""
+        `cuda_graphs` (on a GPU): replay the U-Net's steps as CUDA graphs (each new batch shape is captured once).
+        `pad_batches` (default: when compiled or graphed) fills a short last batch up to `windows_per_batch` with
+        copies of its last window, whose outputs are dropped: the U-Net then sees one batch shape, so it compiles
+        and is captured once instead of once per leftover window count. Windows in a batch do not interact, so
+        outputs are unchanged."""
         self.c = components
+        self.device, self.dtype = torch.device(device), dtype
+        cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if compile:
             components.unet.compile_steps(dynamic=False)
-        self.pad_batches = compile if pad_batches is None else pad_batches
-        self.device, self.dtype = torch.device(device), dtype
+        if cuda_graphs:
+            components.unet.graph_steps()
+        self.pad_batches = (compile or cuda_graphs) if pad_batches is None else pad_batches
+        # one `generate` at a time (Serve runs a replica's calls in threads): CUDA graphs replay into shared buffers
+        self.lock = threading.Lock()
         self.resolution = components.preset.resolution
         self.mask = load_mask(self.resolution).to(self.device, dtype)
         lat = self.resolution // 8
@@ -69,7 +77,15 @@ class LipSyncDiffusion:
     def initial_noise(self, seed: int) -> torch.Tensor:
         lat = self.resolution // 8
         gen = torch.Generator("cpu").manual_seed(seed)
-        return torch.randn(1, 4, 1, lat, lat, generator=gen).to(self.device, self.dtype)
+        return self._to_device(torch.randn(1, 4, 1, lat, lat, generator=gen)).to(self.dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for the GPU. A copy from pageable memory first waits for
+        all the work queued on the stream: with the U-Net's steps replayed as CUDA graphs that is a whole
+        denoising loop, and an indexing call that waits holds the GIL, which stalls the pipeline's other stages."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,28 +104,29 @@ class LipSyncDiffusion:
     ) -> np.ndarray:
         """crops (F, R, R, 3) uint8 and audio (F, tokens, dim) for frames [offset, offset + F), which the
         `windows` (global frame numbers) cover exactly -> generated crops (F, R, R, 3) uint8."""
-        images = torch.from_numpy(np.asarray(crops)).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
-        audio = audio.to(self.device, self.dtype)
-        out = torch.zeros_like(images)
-        weight = torch.zeros(images.shape[0], device=self.device, dtype=self.dtype)
-        weights = dict(zip(windows, window_weights(windows, overlap)))
-        # batches group windows by their global index, so any chunking of the grid batches them alike
-        groups: dict[int, list[Window]] = {}
-        for w in windows:
-            groups.setdefault(w.index // params.windows_per_batch, []).append(w)
-        for batch in groups.values():
-            idx = [self._frames(w, offset) for w in batch]
-            if self.pad_batches:
-                idx += idx[-1:] * (params.windows_per_batch - len(idx))
-            decoded = self._denoise(images, audio, idx, params)  # zip below drops the padding's outputs
-            for w, frames, dec in zip(batch, idx, decoded):
-                wt = weights[w]
-                n = w.stop - w.start
-                t = torch.as_tensor(wt, device=self.device, dtype=self.dtype)
-                out[frames[:n]] += dec[:n] * t[:, None, None, None]
-                weight[frames[:n]] += t
-        out = out / weight[:, None, None, None]
-        return ((out / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        with self.lock:
+            images = torch.from_numpy(np.asarray(crops)).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+            audio = audio.to(self.device, self.dtype)
+            out = torch.zeros_like(images)
+            weight = torch.zeros(images.shape[0], device=self.device, dtype=self.dtype)
+            weights = dict(zip(windows, window_weights(windows, overlap)))
+            # batches group windows by their global index, so any chunking of the grid batches them alike
+            groups: dict[int, list[Window]] = {}
+            for w in windows:
+                groups.setdefault(w.index // params.windows_per_batch, []).append(w)
+            for batch in groups.values():
+                idx = [self._to_device(self._frames(w, offset)) for w in batch]
+                if self.pad_batches:
+                    idx += idx[-1:] * (params.windows_per_batch - len(idx))
+                decoded = self._denoise(images, audio, idx, params)  # zip below drops the padding's outputs
+                for w, frames, dec in zip(batch, idx, decoded):
+                    wt = weights[w]
+                    n = w.stop - w.start
+                    t = self._to_device(torch.as_tensor(wt, dtype=self.dtype))
+                    out[frames[:n]] += dec[:n] * t[:, None, None, None]
+                    weight[frames[:n]] += t
+            out = out / weight[:, None, None, None]
+            return ((out / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     @staticmethod
     def _frames(w: Window, offset: int, length: int = 16) -> torch.Tensor:
@@ -134,13 +151,13 @@ class LipSyncDiffusion:
             cond = torch.cat([cond, cond])
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
         scheduler = make_scheduler(params.scheduler)
-        scheduler.set_timesteps(params.steps, device=self.device)
+        scheduler.set_timesteps(params.steps)  # on the host: the scheduler indexes host tables with them
         latents = self.initial_noise(params.seed).expand(n, 4, f, -1, -1).clone() * scheduler.init_noise_sigma
         cache = DeepCache(params.deepcache) if params.deepcache > 1 else None
-        for t in scheduler.timesteps:
+        for t, t_device in zip(scheduler.timesteps, self._to_device(scheduler.timesteps)):
             x = torch.cat([latents, latents]) if guided else latents
             x = torch.cat([scheduler.scale_model_input(x, t), cond], 1)
-            eps = self.c.unet(x, t, encoder_hidden_states=tokens, cache=cache).sample
+            eps = self.c.unet(x, t_device, encoder_hidden_states=tokens, cache=cache).sample
             if guided:
                 uncond, text = eps.chunk(2)
                 eps = uncond + params.guidance * (text - uncond)

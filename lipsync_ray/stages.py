@@ -179,7 +179,9 @@ class Generate:
         device = self.cfg.resolved_device()
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         components = load_components(self.cfg.preset(), self.cfg.checkpoints, device).to(device, dtype)
-        self.diffusion = LipSyncDiffusion(components, device, dtype, compile=self.cfg.compile)
+        self.diffusion = LipSyncDiffusion(
+            components, device, dtype, compile=self.cfg.compile, cuda_graphs=self.cfg.cuda_graphs
+        )
         self.params = self.cfg.diffusion_params()
 
     def __call__(self, item: PreparedChunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:

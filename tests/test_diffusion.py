@@ -114,3 +114,19 @@ def test_compiled_unet_steps_are_captured_whole_and_match_eager():
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_change_no_output():
+    components = build_random_components(get_preset("tiny-random"), device="cuda").to("cuda", torch.float16)
+    n = 40  # three windows, the last one short: padded
+    crops = np.random.RandomState(0).randint(0, 255, (n, R, R, 3), dtype=np.uint8)
+    audio = torch.randn(n, 50, 64, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for graphs in (False, True):  # capturing wraps the U-Net's steps in place: eager first
+        diffusion = LipSyncDiffusion(components, "cuda", torch.float16, cuda_graphs=graphs, pad_batches=True)
+        for deepcache in (0, 3):
+            params = DiffusionParams(steps=4, windows_per_batch=2, deepcache=deepcache)
+            outputs[graphs, deepcache] = diffusion.generate(crops, audio, windows(n, 16, 4), params, 4)
+    for deepcache in (0, 3):
+        np.testing.assert_array_equal(outputs[True, deepcache], outputs[False, deepcache])

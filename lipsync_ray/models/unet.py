@@ -316,7 +316,7 @@ class UNet3DConditionModel(nn.Module):
         if cache is not None and cache.reuse():
             x = self.shallow(sample, timestep, context, cache.features)
         else:
-            x, features = self.deep(sample, timestep, context, keep_features=cache is not None)
+            x, features = self.deep(sample, timestep, context, cache is not None)
             if cache is not None:
                 cache.features = features
         return UNet3DOutput(sample=x) if return_dict else (x,)
@@ -360,3 +360,46 @@ class UNet3DConditionModel(nn.Module):
         """torch.compile `deep` and `shallow` (options as torch.compile's); `forward` then runs the compiled ones."""
         self.deep = torch.compile(self.deep, **options)  # type: ignore[method-assign]
         self.shallow = torch.compile(self.shallow, **options)  # type: ignore[method-assign]
+
+    def graph_steps(self) -> None:
+        """Replay `deep` and `shallow` (compiled or not) as CUDA graphs, one per input shape (see `CUDAGraphed`)."""
+        self.deep = CUDAGraphed(self.deep)  # type: ignore[method-assign]
+        self.shallow = CUDAGraphed(self.shallow)  # type: ignore[method-assign]
+
+
+class CUDAGraphed:
+    """`fn` captured as a CUDA graph on its first call with each input signature (shapes, dtypes, other arguments)
+    and replayed after: a step's ~2,000 kernels then cost one launch, so the GPU no longer waits on the Python
+    thread that launches them, which shares the GIL with the pipeline's other stages.
+
+    The outputs are the graph's own buffers: valid until the next call with the same signature. The denoising
+    loop uses each step's output before the next step, and DeepCache's features (the full step's) are reused
+    only by shallow steps, which replay another graph."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
+
+    def __call__(self, *args):
+        key = tuple((a.shape, a.dtype, a.stride(), a.device) if torch.is_tensor(a) else a for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, inputs, output = self.graphs[key]
+        for buffer, a in zip(inputs, args):
+            if torch.is_tensor(a):
+                buffer.copy_(a)
+        graph.replay()
+        return output
+
+    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list, Any]:
+        inputs = [a.clone() if torch.is_tensor(a) else a for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel plans, Triton / Inductor compiles
+            for _ in range(2):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.fn(*inputs)
+        return graph, inputs, output
