@@ -8,11 +8,13 @@ U-Net's frame batch, and does their whole attention in registers: scores, float3
 Per forward at 256 px (H100, 10 calls at level 0): 3.8 ms against memory-efficient SDPA's 7.4; the whole U-Net
 (H200, 4 windows): 119 against 136 ms eager, 94 against 102 compiled. It is still ~5x from the memory bound.
 
-Only on CUDA and in fp16 / bf16; otherwise, or without Triton, `frame_attention` in `blocks` uses SDPA.
+Only on CUDA GPUs from Ampere on and in fp16 / bf16; otherwise, or without Triton, `frame_attention` in `blocks`
+uses SDPA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -31,8 +33,14 @@ def supported(q: torch.Tensor) -> bool:
     return (
         triton is not None and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4
         and q.shape[-2] <= 32 and q.shape[-1] <= 256 and q.stride(-1) == 1
-        and (q.is_cuda or interpreted())
+        and ((q.is_cuda and _tensor_cores(q.device)) or interpreted())
     )
+
+
+@functools.cache
+def _tensor_cores(device: torch.device) -> bool:
+    """Ampere or newer. The kernel was only run on Hopper; older GPUs keep SDPA."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def interpreted() -> bool:
