@@ -80,9 +80,10 @@ class LipSyncDiffusion:
         return self._to_device(torch.randn(1, 4, 1, lat, lat, generator=gen)).to(self.dtype)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without waiting for the GPU. A copy from pageable memory first waits for
-        all the work queued on the stream: with the U-Net's steps replayed as CUDA graphs that is a whole
-        denoising loop, and an indexing call that waits holds the GIL, which stalls the pipeline's other stages."""
+        """A host tensor on the device without waiting for the GPU: a copy from pageable memory first waits for all
+        the work queued on the stream (with the U-Net's steps replayed as CUDA graphs, a whole denoising loop), and
+        the launching thread stalls meanwhile. The scheduler's timesteps stay on the host for the same reason: it
+        indexes host tables with them, and a GPU index would be copied back."""
         if self.device.type != "cuda":
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
@@ -151,7 +152,7 @@ class LipSyncDiffusion:
             cond = torch.cat([cond, cond])
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
         scheduler = make_scheduler(params.scheduler)
-        scheduler.set_timesteps(params.steps)  # on the host: the scheduler indexes host tables with them
+        scheduler.set_timesteps(params.steps)  # on the host (see `_to_device`)
         latents = self.initial_noise(params.seed).expand(n, 4, f, -1, -1).clone() * scheduler.init_noise_sigma
         cache = DeepCache(params.deepcache) if params.deepcache > 1 else None
         for t, t_device in zip(scheduler.timesteps, self._to_device(scheduler.timesteps)):
