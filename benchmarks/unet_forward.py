@@ -129,15 +129,21 @@ def _frame_kernel(q, k, v):
     return frame_kernel.attention(q, k, v)
 
 
-def frame_kernel_sweep() -> None:
+def _as_unet_passes(shape: tuple) -> torch.Tensor:
+    """A random (batch, heads, len, dim) fp16 tensor laid out as the U-Net passes it: a (batch, len, heads*dim)
+    tensor viewed per head."""
+    b, h, n, d = shape
+    return torch.randn(b, n, h * d, device="cuda", dtype=torch.float16).view(b, n, h, d).transpose(1, 2)
+
+
+def frame_kernel_sweep(cfg: dict, windows: int) -> None:
     """Microseconds per call of the frame-attention kernel at each block size (pairs per program) and warp count,
-    on the U-Net's temporal shapes with 4 windows: levels 0-2 at 256 px, then level 0 at 512 px."""
+    on the U-Net's temporal shapes: levels 0-2 at 256 px, then level 0 at 512 px."""
     print("\nFrame-attention kernel: us per call, by pairs per program / warps")
-    for pairs, d in [(1024 * 8, 40), (256 * 8, 80), (64 * 8, 160), (4096 * 8, 40)]:
-        q, k, v = (
-            torch.randn(8, 16, pairs * d, device="cuda", dtype=torch.float16).view(8, 16, pairs, d).transpose(1, 2)
-            for _ in range(3)
-        )
+    shapes = [s for s in attention_shapes(cfg, 256, windows) if s[0] in ("temporal L0", "temporal L1", "temporal L2")]
+    shapes += [s for s in attention_shapes(cfg, 512, windows) if s[0] == "temporal L0"]
+    for name, _, shape, _ in shapes:
+        q, k, v = (_as_unet_passes(shape) for _ in range(3))
         cells = []
         for block in (1, 2, 4, 8, 16):
             for warps in (1, 2, 4, 8):
@@ -145,7 +151,7 @@ def frame_kernel_sweep() -> None:
                     cells.append(f"{block}/{warps}: {1000 * median_ms(lambda: frame_kernel.launch(q, k, v, block, warps), 10):.0f}")
                 except Exception as err:  # Triton: out of registers or shared memory
                     cells.append(f"{block}/{warps}: {type(err).__name__}")
-        print(f"pairs {pairs} dim {d}: " + ", ".join(cells), flush=True)
+        print(f"{name} {tuple(shape)}: " + ", ".join(cells), flush=True)
 
 
 def attention_table(cfg: dict, res: int, windows: int) -> None:
@@ -162,11 +168,7 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
     print(f"{'shape':>12} {'calls':>5} " + " ".join(f"{b:>9}" for b in variants))
     totals: dict[str, float | None] = dict.fromkeys(variants, 0.0)  # None: some shape has no kernel
     for name, calls, qs, ks in attention_shapes(cfg, res, windows):
-        def make(shape):
-            b, h, n, d = shape
-            return torch.randn(b, n, h * d, device="cuda", dtype=torch.float16).view(b, n, h, d).transpose(1, 2)
-
-        q, k, v = make(qs), make(ks), make(ks)
+        q, k, v = _as_unet_passes(qs), _as_unet_passes(ks), _as_unet_passes(ks)
         cells = []
         for backend, fn in variants.items():
             try:
@@ -196,7 +198,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     if args.frame_kernel_sweep:
-        frame_kernel_sweep()
+        frame_kernel_sweep(cfg, max(args.windows))
     if args.attention:
         with torch.no_grad():
             for res in args.resolutions:

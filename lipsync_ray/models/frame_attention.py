@@ -49,13 +49,13 @@ def interpreted() -> bool:
 
 
 # Per q / k / v tile (16 frames x padded head dim x pairs) and per program: the best of a sweep on an H100 at every
-# head dim of the U-Net (40, 80, 160), 256 and 512 px (`benchmarks/unet_forward.py --frame-kernel-sweep`); larger
-# tiles spill registers.
+# head dim of the U-Net (40, 80, 160), 256 and 512 px (`benchmarks/unet_forward.py --windows 4
+# --frame-kernel-sweep`); larger tiles spill registers.
 TILE_ELEMENTS = 4096
 WARPS = 2
 
 
-def pairs_per_program(head_dim: int, frames: int = 16) -> int:
+def pairs_per_program(head_dim: int, frames: int) -> int:
     return max(1, TILE_ELEMENTS // (_padded(frames) * _padded(head_dim)))
 
 
