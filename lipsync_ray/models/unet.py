@@ -380,9 +380,10 @@ class CUDAGraphed:
 
     A replay is launched only once the one before it (recorded in `done`, which graphs may share) has finished.
     Graph launches cost the host almost nothing, so the launching thread would otherwise queue a whole denoising
-    loop, and queued graphs delay every other stream's work in the process: a paste-sized job on its own
-    high-priority stream took 700 ms instead of 1 ms behind unbounded replays of a 140 ms graph (H200). The GPU
-    meanwhile runs the step's eager kernels (guidance, scheduler) that the thread queued after the replay.
+    loop, and queued graphs delay every other stream's work in the process: on an H200 a paste-sized job on its
+    own high-priority stream took 700 ms instead of 1 ms behind unbounded replays of a 140 ms graph, and the
+    pipeline's Compose (`end_to_end.py`'s compose fps) fell from 66 to 24 frames/s. While the thread waits, the GPU
+    runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
 
     Graphs sharing `pool` reuse each other's activations: safe, as they never run at once and their outputs stay
     referenced here. The warm-up's cached blocks belong to its side stream, so they are released after capture."""
