@@ -374,9 +374,9 @@ class CUDAGraphed:
     and replayed after: a step's ~2,000 kernels then cost one launch, so the GPU no longer waits on the Python
     thread that launches them, which shares the GIL with the pipeline's other stages.
 
-    The outputs are the graph's own buffers: valid until the next call with the same signature. The denoising
-    loop uses each step's output before the next step, and DeepCache's features (the full step's) are reused
-    only by shallow steps, which replay another graph.
+    The outputs are the graph's own buffers, overwritten by later replays (see the pool below). The denoising loop
+    uses each step's output before the next step; DeepCache's features (the full step's) are reused by the
+    shallow steps that follow, which replay another graph.
 
     A replay is launched only once the one before it (recorded in `done`, which graphs may share) has finished.
     Graph launches cost the host almost nothing, so the launching thread would otherwise queue a whole denoising
@@ -385,8 +385,10 @@ class CUDAGraphed:
     pipeline's Compose (`end_to_end.py`'s compose fps) fell from 66 to 24 frames/s. While the thread waits, the GPU
     runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
 
-    Graphs sharing `pool` reuse each other's activations: safe, as they never run at once and their outputs stay
-    referenced here. The warm-up's cached blocks belong to its side stream, so they are released after capture."""
+    Graphs sharing `pool` reuse each other's activation memory, as they never run at once. A capture never takes
+    memory that an earlier graph's output holds (the outputs stay referenced here), so the full step's features
+    survive the shallow replays; a replay may overwrite outputs of graphs captured after it, which the loop has
+    used by then. The warm-up's cached blocks belong to its side stream, so they are released after capture."""
 
     def __init__(self, fn, done: torch.cuda.Event, pool: tuple):
         self.fn, self.done, self.pool = fn, done, pool
