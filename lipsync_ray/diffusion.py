@@ -81,9 +81,9 @@ class LipSyncDiffusion:
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device without waiting for the GPU: a copy from pageable memory first waits for all
-        the work queued on the stream (with the U-Net's steps replayed as CUDA graphs, a whole denoising loop), and
-        the launching thread stalls meanwhile. The scheduler's timesteps stay on the host for the same reason: it
-        indexes host tables with them, and a GPU index would be copied back."""
+        the work queued on the stream (up to a whole U-Net step), and the launching thread stalls meanwhile. The
+        scheduler's timesteps stay on the host for the same reason: it indexes host tables with them, and a GPU
+        index would be copied back."""
         if self.device.type != "cuda":
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
