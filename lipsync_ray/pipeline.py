@@ -23,7 +23,7 @@ import torch
 
 from .config import LipSyncConfig
 from .stages import (
-    Chunk, Compose, Generate, NoFaceError, Prepare, PreparedChunk, VideoPlan, kept, lower_priority, plan_video,
+    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, kept, lower_priority, plan_video, split,
 )
 
 A, B = TypeVar("A"), TypeVar("B")
@@ -84,9 +84,9 @@ def _check_worker() -> None:
         raise _worker
 
 
-def _prepare_in_worker(plan: VideoPlan, chunk: Chunk) -> PreparedChunk:
+def _prepare_in_worker(plan: VideoPlan, frames: range) -> PreparedPart:
     _check_worker()
-    return _worker(plan, chunk)
+    return _worker.part(plan, frames)
 
 
 class LipSyncPipeline:
@@ -96,7 +96,7 @@ class LipSyncPipeline:
         self.cfg = cfg
         self.generate, self.compose = Generate(cfg), Compose(cfg, device=cfg.resolved_device())
         self.workers: ProcessPoolExecutor | None = None
-        self.prepare: Callable[[VideoPlan, Chunk], PreparedChunk]
+        self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)
         if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
             threads = max(1, (os.cpu_count() or 1) // (cfg.prepare_workers + 1))
             self.workers = ProcessPoolExecutor(
@@ -109,8 +109,9 @@ class LipSyncPipeline:
                 raise
             self.prepare = _prepare_in_worker
         else:
-            self.prepare = Prepare(cfg)
-            self.prepare.setup()
+            stage = Prepare(cfg)
+            stage.setup()
+            self.prepare = stage.part
         self.generate.setup()
         self.compose.setup()
 
@@ -133,10 +134,21 @@ class LipSyncPipeline:
         if on_plan:
             on_plan(plan.n_out)
         counts = {"faceless": 0, "faces": 0}
+        depth = self.cfg.prepare_workers + 1 if self.workers else 2  # parts prepared ahead
+
+        def prepared_chunks():
+            """The first chunk is split across the Prepare workers: the GPU waits for it alone. Later chunks are
+            prepared whole (fewer warm-up frames) while the GPU works on earlier ones."""
+            parts = [split(c, self.cfg.prepare_workers if self.workers and c.index == 0 else 1) for c in plan.chunks]
+            done = ahead(partial(self.prepare, plan), [frames for p in parts for frames in p], depth, self.workers)
+            try:
+                for chunk, p in zip(plan.chunks, parts):
+                    yield assemble(chunk, [next(done) for _ in p])
+            finally:
+                done.close()
 
         def items():
-            depth = self.cfg.prepare_workers + 1 if self.workers else 2
-            prepared = ahead(partial(self.prepare, plan), plan.chunks, depth, self.workers)
+            prepared = prepared_chunks()
             generated = ahead(self.generate, prepared, depth=1)
             try:
                 for item in generated:

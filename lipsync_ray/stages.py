@@ -75,6 +75,17 @@ class PreparedChunk:
     generated: np.ndarray | None = field(default=None)
 
 
+@dataclass
+class PreparedPart:
+    """Prepare's result for a run of a chunk's frames, before faceless frames borrow a face (`assemble`)."""
+
+    frames: range
+    crops: np.ndarray  # faceless frames: zeros
+    matrices: np.ndarray
+    flags: np.ndarray
+    audio: torch.Tensor
+
+
 def _choose(faces: list[Face], previous: Face | None, policy: str) -> Face | None:
     """Follow one face: the policy picks it on its first frame, then the nearest face to the last one."""
     if not faces:
@@ -108,15 +119,20 @@ class Prepare:
         return self._audio[1]
 
     def __call__(self, plan: VideoPlan, chunk: Chunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
-        """`cfg` may override the face choice of the stage's own config (per-video parameters).
+        """`cfg` may override the face choice of the stage's own config (per-video parameters)."""
+        return assemble(chunk, [self.part(plan, range(chunk.start, chunk.stop), cfg)])
+
+    def part(self, plan: VideoPlan, frames: range, cfg: LipSyncConfig | None = None) -> PreparedPart:
+        """Prepare a run of a chunk's frames; `assemble` joins a chunk's parts.
 
         One pass over the frames, a group at a time: detect, then align the group's faces. A frame's matrix
         depends only on the last `smoothing_memory` faces (see `FaceAligner.estimate`), so it is known as soon
-        as its own face is, and each frame is decoded once."""
+        as its own face is, and each frame is decoded once. The frames before `frames` that feed the smoothing
+        are detected again, so a part's result does not depend on who prepared the frames before it."""
         face_policy = (cfg or self.cfg).face
         memory = self.cfg.smoothing_memory
-        first = max(0, chunk.start - (memory - 1))  # warm-up frames: their faces only feed the smoothing
-        lead, n = chunk.start - first, chunk.stop - chunk.start
+        first = max(0, frames.start - (memory - 1))  # warm-up frames: their faces only feed the smoothing
+        lead, n = frames.start - first, len(frames)
         res = self.aligner.resolution
         crops = np.zeros((n, res, res, 3), np.uint8)
         matrices = np.zeros((n + lead, 2, 3), np.float32)
@@ -143,12 +159,26 @@ class Prepare:
                 if own:
                     warped = self.aligner.warp([images[i - g] for i in own], torch.from_numpy(matrices[own]))
                     crops[[i - lead for i in own]] = self.aligner.to_model_size(warped)
-        flags = present[lead:]
-        _fill_gaps(crops, flags)
-        audio = chunk_features(
-            self.whisper, self._waveform(plan.audio), range(chunk.start, chunk.stop), self.cfg.audio_mode, plan.ceiling
-        )
-        return PreparedChunk(chunk, crops, matrices[lead:], flags, audio)
+        audio = chunk_features(self.whisper, self._waveform(plan.audio), frames, self.cfg.audio_mode, plan.ceiling)
+        return PreparedPart(frames, crops, matrices[lead:], present[lead:], audio)
+
+
+def split(chunk: Chunk, parts: int) -> list[range]:
+    """A chunk's frames as up to `parts` runs of at least ALIGN_GROUP frames, for Prepare workers to share."""
+    n = chunk.stop - chunk.start
+    parts = max(1, min(parts, n // ALIGN_GROUP))
+    bounds = [chunk.start + n * k // parts for k in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def assemble(chunk: Chunk, parts: list[PreparedPart]) -> PreparedChunk:
+    """A chunk from its parts in frame order; faceless frames then borrow the nearest face over the whole chunk."""
+    if [f for p in parts for f in p.frames] != list(range(chunk.start, chunk.stop)):
+        raise ValueError(f"parts {[p.frames for p in parts]} do not cover chunk {chunk.index}'s frames")
+    join = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    crops, flags = join("crops"), join("flags")
+    _fill_gaps(crops, flags)
+    return PreparedChunk(chunk, crops, join("matrices"), flags, torch.cat([p.audio for p in parts]))
 
 
 def lower_priority() -> None:

@@ -11,7 +11,7 @@ from lipsync_ray.cli import app
 from lipsync_ray.config import LipSyncConfig
 from lipsync_ray.media import probe_video
 from lipsync_ray.plan import source_frame_map
-from lipsync_ray.stages import Generate, Prepare, plan_video, stitch
+from lipsync_ray.stages import Generate, Prepare, assemble, plan_video, split, stitch
 
 from .conftest import DATA, MARK, ffmpeg as _ffmpeg, marks_shown
 
@@ -59,6 +59,26 @@ def test_one_chunk_and_many_chunks_give_the_same_frames(media):
     at_boundaries, inside = step[boundary].mean(), np.delete(step, boundary).mean()
     print(f"\nmouth change per frame: at chunk boundaries {at_boundaries:.2f}, inside chunks {inside:.2f} (uint8 levels)")
     assert at_boundaries <= 1.1 * inside
+
+
+def test_a_chunk_prepared_in_parts_equals_the_whole_chunk(media):
+    """`run` splits the first chunk across its Prepare workers: the parts, warmed up on the frames before them,
+    join into exactly the chunk that one Prepare call gives (crops, smoothed matrices, audio tokens)."""
+    cfg = LipSyncConfig(**TINY, windows_per_chunk=4)
+    prepare = Prepare(cfg)
+    prepare.setup()
+    plan = plan_video(media / "v.mp4", media / "a.wav", cfg)
+    chunk = plan.chunks[1]  # starts after frame 0: its first part warms up too
+    whole = prepare(plan, chunk)
+    ranges = split(chunk, 3)
+    assert [len(r) for r in ranges] == [17, 17, 18] and ranges[0].start == chunk.start and ranges[-1].stop == chunk.stop
+    joined = assemble(chunk, [prepare.part(plan, r) for r in ranges])
+    for name in ("crops", "matrices", "flags"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))
+    assert joined.audio.equal(whole.audio)
+    assert [len(r) for r in split(chunk, 100)] == [8, 9, 9, 8, 9, 9]  # never parts under ALIGN_GROUP frames
+    with pytest.raises(ValueError, match="do not cover chunk 1"):
+        assemble(chunk, [prepare.part(plan, r) for r in ranges[:2]])
 
 
 def test_30_fps_input_is_resampled_and_ping_ponged(media, tmp_path):
