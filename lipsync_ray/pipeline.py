@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import TypeVar
 
@@ -63,12 +64,15 @@ def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int, pool: Executor 
 
 
 _worker: Prepare | Exception | None = None  # this Prepare worker process's stage, or why its setup failed
+_started: Barrier | None = None  # passed by all the pool's workers once set up (`_check_worker`)
+WORKER_START_TIMEOUT = 600  # seconds for every worker to load its models
 
 
-def _start_worker(cfg_json: str, threads: int) -> None:
+def _start_worker(cfg_json: str, threads: int, started: Barrier) -> None:
     """Process-pool initializer: set Prepare up once. A setup error is kept and raised by every call, so it
     reaches the caller with its message (an initializer's own exception would only break the pool)."""
-    global _worker
+    global _worker, _started
+    _started = started
     lower_priority()
     torch.set_num_threads(threads)  # the workers and the main process's stages share the cores
     try:
@@ -82,6 +86,13 @@ def _check_worker() -> None:
     """Raise this worker's setup error, if its setup failed."""
     if isinstance(_worker, Exception):
         raise _worker
+
+
+def _wait_for_all_workers() -> None:
+    """Block until every worker has set up, then check this one. The pool starts a worker only when a task finds
+    none idle: N of these calls, each holding its worker at the barrier, start all N before the first video."""
+    _started.wait(WORKER_START_TIMEOUT)
+    _check_worker()
 
 
 def _prepare_in_worker(plan: VideoPlan, frames: range) -> PreparedPart:
@@ -99,11 +110,14 @@ class LipSyncPipeline:
         self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)
         if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
             threads = max(1, (os.cpu_count() or 1) // (cfg.prepare_workers + 1))
+            spawn = multiprocessing.get_context("spawn")
+            started = spawn.Barrier(cfg.prepare_workers)
             self.workers = ProcessPoolExecutor(
-                cfg.prepare_workers, multiprocessing.get_context("spawn"), _start_worker, (cfg.model_dump_json(), threads)
+                cfg.prepare_workers, spawn, _start_worker, (cfg.model_dump_json(), threads, started)
             )
             try:
-                self.workers.submit(_check_worker).result()
+                for check in [self.workers.submit(_wait_for_all_workers) for _ in range(cfg.prepare_workers)]:
+                    check.result()
             except BaseException:
                 self.close()
                 raise

@@ -103,6 +103,17 @@ def test_prepare_in_worker_processes_gives_the_same_video(clips, gap_clip, tmp_p
     assert not (tmp_path / "no.mp4").exists()
 
 
+def test_every_prepare_worker_is_set_up_before_the_first_video():
+    """The process pool starts workers on demand: without waiting for all of them, the second would load its
+    models during the first video, and the first chunk's two parts would be prepared one after the other."""
+    from lipsync_ray.config import LipSyncConfig
+    from lipsync_ray.pipeline import LipSyncPipeline
+
+    with LipSyncPipeline(LipSyncConfig(model="tiny-random", detector="offline", prepare_workers=2, device="cpu")) as pipeline:
+        processes = list(pipeline.workers._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+
+
 def test_video_without_any_face(clips, tmp_path):
     blank = tmp_path / "blank.mp4"
     _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=160x120:r=25", "-t", "1", "-c:v", "libx264", str(blank))
