@@ -64,7 +64,7 @@ def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int, pool: Executor 
 
 
 _worker: Prepare | Exception | None = None  # this Prepare worker process's stage, or why its setup failed
-_started: Barrier | None = None  # passed by all the pool's workers once set up (`_check_worker`)
+_started: Barrier | None = None  # passed by all the pool's workers once set up (`_wait_for_all_workers`)
 WORKER_START_TIMEOUT = 600  # seconds for every worker to load its models
 
 
