@@ -133,23 +133,28 @@ def test_deepcache_shallow_pass_matches_the_full_pass_on_the_same_input():
     assert cache.calls == 3
 
 
-def test_activations_stay_channels_last_between_blocks(equivalence):
-    """Every convolution, full and DeepCache passes, sees and returns the channels-last frame batch."""
+def test_activations_stay_channels_last_between_blocks(equivalence, monkeypatch):
+    """Every convolution, full and DeepCache passes, sees and returns the channels-last frame batch (the spatial
+    transformers' 1x1 projections run as GEMMs on its tokens)."""
     model = UNet3DConditionModel.from_config(equivalence["config"]).eval().to(memory_format=torch.channels_last)
     seen = []
+    conv2d = torch.nn.functional.conv2d
 
-    def record(module, inputs, output):
-        seen.extend(t.is_contiguous(memory_format=torch.channels_last) for t in (inputs[0], output))
+    def recording(x, *args, **kwargs):
+        out = conv2d(x, *args, **kwargs)
+        seen.extend(t.is_contiguous(memory_format=torch.channels_last) for t in (x, out))
+        return out
 
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_hook(record)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
     from lipsync_ray.models.unet import DeepCache
 
+    convolutions = sum(
+        isinstance(m, torch.nn.Conv2d) and not name.endswith(("proj_in", "proj_out")) for name, m in model.named_modules()
+    )
     cache = DeepCache(interval=2)
     with torch.no_grad():
         model(equivalence["sample"][:1, :, :4], 10, torch.randn(4, 50, 64), cache=cache)
-        assert len(seen) == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        assert len(seen) == 2 * convolutions
         model(equivalence["sample"][:1, :, :4], 10, torch.randn(4, 50, 64), cache=cache)  # DeepCache's shallow pass
     assert cache.calls == 2 and all(seen)
 
@@ -207,17 +212,80 @@ print(worst, module)
 """
 
 
-def test_frame_attention_kernel_matches_sdpa():
+def _interpreted(check: str) -> list[float]:
+    """Runs `check` under Triton's CPU interpreter; the numbers it prints."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", FRAME_KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+        [sys.executable, "-c", check], env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    worst, module = map(float, done.stdout.split())
+    return [float(n) for n in done.stdout.split()]
+
+
+def test_frame_attention_kernel_matches_sdpa():
+    worst, module = _interpreted(FRAME_KERNEL_CHECK)
     assert worst < 4e-3  # fp16 rounding of outputs up to ~3
     assert module < 1e-2  # the whole fp16 module against float32
+
+
+# GroupNorm: channel means far from zero (the partial statistics' combination must not cancel), channel counts that
+# are not powers of two, statistics over whole clips and per frame, with and without SiLU and a frame bias.
+# LayerNorm with and without the residual add; GEGLU; then whole fp16 blocks (kernels) against float32 (PyTorch).
+FUSED_KERNELS_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from lipsync_ray.models import fused
+from lipsync_ray.models.blocks import AudioTransformerBlock, ResnetBlock3D, TemporalTransformerBlock, to_frame_batch
+
+torch.manual_seed(0)
+
+
+def error(out, ref):  # relative to fp16 rounding
+    return ((out.double() - ref).abs() / (1 + ref.abs())).max().item()
+
+
+worst = 0.0
+for b, c, f, h, w, groups, frames, silu, with_bias in [
+    (2, 64, 4, 6, 5, 32, 4, False, False), (1, 96, 4, 3, 7, 32, 1, True, False), (2, 40, 3, 4, 4, 8, 3, True, True)
+]:
+    x = to_frame_batch(torch.randn(b, c, f, h, w) + 20 * torch.randn(1, c, 1, 1, 1)).half()
+    weight, bias = (torch.randn(c) * 0.2 + 1).half(), (torch.randn(c) * 0.2).half()
+    frame_bias = torch.randn(b * f, c).half() if with_bias else None
+    assert fused.supported(x)
+    out = fused.group_norm(x, weight, bias, groups, 1e-5, frames, silu, frame_bias)
+    assert out.dtype == x.dtype and out.stride() == x.stride()
+    ref = x.double() + (frame_bias.double()[:, :, None, None] if with_bias else 0)
+    ref = ref.reshape(b * f // frames, frames, c, h, w).transpose(1, 2)
+    ref = F.group_norm(ref, groups, weight.double(), bias.double(), 1e-5).transpose(1, 2).reshape(b * f, c, h, w)
+    worst = max(worst, error(out, F.silu(ref) if silu else ref))
+for with_delta in (False, True):
+    x, delta = torch.randn(3, 7, 80).half() + 5, torch.randn(3, 7, 80).half()
+    weight, bias = (torch.randn(80) * 0.2 + 1).half(), (torch.randn(80) * 0.2).half()
+    total, out = fused.add_layer_norm(x, delta if with_delta else None, weight, bias, 1e-5)
+    expected = x + delta if with_delta else x
+    assert torch.equal(total, expected)
+    worst = max(worst, error(out, F.layer_norm(expected.double(), (80,), weight.double(), bias.double(), 1e-5)))
+value, gate = torch.randn(5, 300).half() * 3, torch.randn(5, 300).half() * 3
+worst = max(worst, error(fused.geglu(value, gate), value.double() * F.gelu(gate.double())))
+module = 0.0
+for block, inputs in [
+    (ResnetBlock3D(64, 96, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
+    (AudioTransformerBlock(64, 2, 48), (torch.randn(4, 30, 64), torch.randn(4, 7, 48))),
+    (TemporalTransformerBlock(64, 2, 2, 24), (torch.randn(2 * 8, 6, 64), 8)),
+]:
+    expected = block(*inputs)  # float32: the PyTorch forms
+    half = block.half()(*(t.half() if isinstance(t, torch.Tensor) else t for t in inputs)).float()
+    module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
+print(worst, module)
+"""
+
+
+def test_fused_kernels_match_float64():
+    worst, module = _interpreted(FUSED_KERNELS_CHECK)
+    assert worst < 1e-3  # fp16 rounding: half an ulp is 4.9e-4 relative
+    assert module < 1e-2  # whole fp16 blocks (kernels) against float32 (PyTorch forms)

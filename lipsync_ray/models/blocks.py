@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import frame_attention as frame_kernel
+from . import fused
 
 
 def to_frame_batch(x: torch.Tensor) -> torch.Tensor:
@@ -50,12 +51,19 @@ def untokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
-    """`norm` with statistics over each run of `frames` consecutive frames of the frame batch (1: per frame),
-    i.e. upstream's GroupNorm on (b, c, f, h, w), without leaving channels-last. As in native GroupNorm, the mean
-    and the affine map are float32 and the result is rounded once (torch.compile fuses the passes); the spread
-    comes from a Welford pass in x's dtype: relative precision suffices, and a standard deviation, unlike a
-    variance, cannot overflow fp16."""
+def group_norm(
+    norm: nn.GroupNorm, x: torch.Tensor, frames: int, silu: bool = False, frame_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`norm` of `x + frame_bias` (one row per frame) with statistics over each run of `frames` consecutive frames
+    of the frame batch (1: per frame), i.e. upstream's GroupNorm on (b, c, f, h, w), then SiLU if asked, without
+    leaving channels-last. Eager on a GPU this is `fused`'s Triton kernels. Otherwise, as in native
+    GroupNorm, the mean and the affine map are float32 and the result is rounded once (torch.compile fuses the
+    passes); the spread comes from a Welford pass in x's dtype: relative precision suffices, and a standard
+    deviation, unlike a variance, cannot overflow fp16."""
+    if fused.supported(x):
+        return fused.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, frames, silu, frame_bias)
+    if frame_bias is not None:
+        x = x + frame_bias[:, :, None, None]
     bf, c, h, w = x.shape
     g = norm.num_groups
     grouped = tokens(x).reshape(bf // frames, frames * h * w, g, c // g)
@@ -63,11 +71,22 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor
     std = torch.std(grouped, (1, 3), correction=0, keepdim=True).float()
     scale = norm.weight.float().reshape(g, c // g) * torch.rsqrt(std.square() + norm.eps)
     shift = norm.bias.float().reshape(g, c // g) - mean * scale
-    return untokens(torch.addcmul(shift, grouped, scale).to(x.dtype).reshape(bf, h * w, c), h, w)
+    out = untokens(torch.addcmul(shift, grouped, scale).to(x.dtype).reshape(bf, h * w, c), h, w)
+    return F.silu(out) if silu else out
+
+
+def add_norm(norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream `x + delta` and its LayerNorm: one pass on a GPU (`fused`)."""
+    if fused.supported(x):
+        return fused.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    if delta is not None:
+        x = delta + x
+    return x, norm(x)
 
 
 class ResnetBlock3D(nn.Module):
-    """Pre-activation ResNet block with timestep conditioning; GroupNorm statistics span all frames."""
+    """Pre-activation ResNet block with timestep conditioning; GroupNorm statistics span all frames. conv1's bias
+    joins the timestep's: both are per-frame rows that norm2 adds as it reads conv1's output."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
@@ -80,9 +99,9 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         """x: the frame batch; temb: one row per frame."""
-        h = self.conv1(F.silu(group_norm(self.norm1, x, frames)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(group_norm(self.norm2, h, frames)))
+        h = self.conv1._conv_forward(group_norm(self.norm1, x, frames, silu=True), self.conv1.weight, None)
+        bias = self.time_emb_proj(F.silu(temb)) + self.conv1.bias
+        h = self.conv2(group_norm(self.norm2, h, frames, silu=True, frame_bias=bias))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -121,7 +140,8 @@ class FeedForward(nn.Module):
         proj = self.net[0].proj
         value_w, gate_w = proj.weight.chunk(2)
         value_b, gate_b = proj.bias.chunk(2)
-        return self.net[2](F.linear(x, value_w, value_b) * F.gelu(F.linear(x, gate_w, gate_b)))
+        value, gate = F.linear(x, value_w, value_b), F.linear(x, gate_w, gate_b)
+        return self.net[2](fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate))
 
 
 class AudioTransformerBlock(nn.Module):
@@ -143,14 +163,19 @@ class AudioTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+        x, h = add_norm(self.norm1, x)
+        delta = self.attn1(h)
         if self.attn2 is not None:
-            x = self.attn2(self.norm2(x), encoder_hidden_states=context) + x
-        return self.ff(self.norm3(x)) + x
+            x, h = add_norm(self.norm2, x, delta)
+            delta = self.attn2(h, encoder_hidden_states=context)
+        x, h = add_norm(self.norm3, x, delta)
+        return self.ff(h) + x
 
 
 class SpatialTransformer3D(nn.Module):
-    """Per-frame spatial transformer. `context` is (b*f, tokens, dim): each frame attends to its own audio."""
+    """Per-frame spatial transformer. `context` is (b*f, tokens, dim): each frame attends to its own audio. The
+    1x1 convolutions `proj_in` / `proj_out` run as GEMMs on the tokens (a view of the frame batch), their bias
+    added in the GEMM's epilogue, where a convolution adds it in a pass of its own."""
 
     def __init__(self, channels: int, heads: int, groups: int, cross_attention_dim: int | None):
         super().__init__()
@@ -161,10 +186,10 @@ class SpatialTransformer3D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        hidden = tokens(self.proj_in(group_norm(self.norm, x, 1)))
+        hidden = F.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
-        return self.proj_out(untokens(hidden, h, w)) + x
+        return untokens(F.linear(hidden, self.proj_out.weight.flatten(1), self.proj_out.bias), h, w) + x
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -237,9 +262,12 @@ class TemporalTransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        delta = None
         for attention, norm in zip(self.attention_blocks, self.norms):
-            x = attention(norm(x), frames) + x
-        return self.ff(self.ff_norm(x)) + x
+            x, h = add_norm(norm, x, delta)
+            delta = attention(h, frames)
+        x, h = add_norm(self.ff_norm, x, delta)
+        return self.ff(h) + x
 
 
 class TemporalTransformer(nn.Module):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -354,7 +353,7 @@ class UNet3DConditionModel(nn.Module):
         return self.conv_in(to_frame_batch(sample)), self._embed_time(timestep, sample), sample.shape[2]
 
     def _out(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return from_frame_batch(self.conv_out(F.silu(group_norm(self.conv_norm_out, x, frames))), frames)
+        return from_frame_batch(self.conv_out(group_norm(self.conv_norm_out, x, frames, silu=True)), frames)
 
     def compile_steps(self, **options) -> None:
         """torch.compile `deep` and `shallow` (options as torch.compile's); `forward` then runs the compiled ones."""
