@@ -153,6 +153,14 @@ if triton is not None:
         tl.store(m2_ptr + out, m2, mask=c_mask)
 
     @triton.jit
+    def _partials(clip, p0, programs, rows_per_clip, C, c, c_mask, PROGRAM_ROWS: tl.constexpr, PB: tl.constexpr):
+        """Offsets and mask of PB statistics programs' partials from p0 on, and each program's row count."""
+        p = p0 + tl.arange(0, PB)
+        n = tl.minimum(tl.maximum(rows_per_clip - p * PROGRAM_ROWS, 0), PROGRAM_ROWS).to(tl.float32)
+        at = (clip * programs + p)[:, None] * C + c[None, :]
+        return at, (p < programs)[:, None] & c_mask[None, :], n[:, None]
+
+    @triton.jit
     def _finalize_kernel(
         mean_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, programs, rows_per_clip, C, CG, eps,
         PROGRAM_ROWS: tl.constexpr, PB: tl.constexpr, GP: tl.constexpr,
@@ -164,20 +172,14 @@ if triton is not None:
         count = tl.zeros([], tl.float32) + rows_per_clip * CG
         total = tl.zeros([PB, GP], tl.float32)
         for p0 in range(0, programs, PB):
-            p = p0 + tl.arange(0, PB)
-            n = tl.minimum(tl.maximum(rows_per_clip - p * PROGRAM_ROWS, 0), PROGRAM_ROWS).to(tl.float32)
-            at = (clip * programs + p)[:, None] * C + c[None, :]
-            mask = (p < programs)[:, None] & c_mask[None, :]
-            total += tl.load(mean_ptr + at, mask=mask, other=0.0) * n[:, None]
+            at, mask, n = _partials(clip, p0, programs, rows_per_clip, C, c, c_mask, PROGRAM_ROWS, PB)
+            total += tl.load(mean_ptr + at, mask=mask, other=0.0) * n
         mean = tl.sum(tl.sum(total, 1), 0) / count
         total = tl.zeros([PB, GP], tl.float32)
         for p0 in range(0, programs, PB):
-            p = p0 + tl.arange(0, PB)
-            n = tl.minimum(tl.maximum(rows_per_clip - p * PROGRAM_ROWS, 0), PROGRAM_ROWS).to(tl.float32)
-            at = (clip * programs + p)[:, None] * C + c[None, :]
-            mask = (p < programs)[:, None] & c_mask[None, :]
+            at, mask, n = _partials(clip, p0, programs, rows_per_clip, C, c, c_mask, PROGRAM_ROWS, PB)
             delta = tl.load(mean_ptr + at, mask=mask, other=0.0) - mean
-            total += tl.load(m2_ptr + at, mask=mask, other=0.0) + tl.where(mask, delta * delta * n[:, None], 0.0)
+            total += tl.load(m2_ptr + at, mask=mask, other=0.0) + tl.where(mask, delta * delta * n, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(total, 1), 0) / count + eps)
         scale = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * rstd
         shift = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
