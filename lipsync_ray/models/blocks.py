@@ -99,7 +99,7 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         """x: the frame batch; temb: one row per frame."""
-        h = self.conv1._conv_forward(group_norm(self.norm1, x, frames, silu=True), self.conv1.weight, None)
+        h = F.conv2d(group_norm(self.norm1, x, frames, silu=True), self.conv1.weight, padding=self.conv1.padding)
         bias = self.time_emb_proj(F.silu(temb)) + self.conv1.bias
         h = self.conv2(group_norm(self.norm2, h, frames, silu=True, frame_bias=bias))
         if self.conv_shortcut is not None:
