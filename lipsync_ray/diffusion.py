@@ -48,6 +48,11 @@ class DiffusionParams:
     deepcache: int = 0  # DeepCache interval (0 = off; upstream's --enable_deepcache uses 3)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The VAE's input in its activations' layout (`models.vae`)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class LipSyncDiffusion:
     def __init__(
         self, components: Components, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -91,12 +96,12 @@ class LipSyncDiffusion:
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat(
-            [self.c.vae.encode(part).latent_dist.mode() for part in images.split(VAE_FRAMES)]
+            [self.c.vae.encode(_channels_last(part)).latent_dist.mode() for part in images.split(VAE_FRAMES)]
         ) * VAE_SCALING
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.c.vae.decode(part / VAE_SCALING).sample for part in latents.split(VAE_FRAMES)])
+        return torch.cat([self.c.vae.decode(_channels_last(part / VAE_SCALING)).sample for part in latents.split(VAE_FRAMES)])
 
     @torch.no_grad()
     def generate(

@@ -1,3 +1,4 @@
+import copy
 import json
 import time
 
@@ -17,6 +18,7 @@ from lipsync_ray.models.presets import (
     load_whisper,
     make_scheduler,
 )
+from lipsync_ray.models.vae import GroupNormSiLU, fuse_group_norms
 
 from .conftest import DATA
 
@@ -52,6 +54,22 @@ def test_vae_config_is_sd_vae_ft_mse():
         vae = AutoencoderKL.from_config(cfg)
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     assert vae.config.scaling_factor == VAE_SCALING == 0.18215
+
+
+def test_vae_with_fused_group_norms_keeps_its_weights_and_output():
+    cfg = json.loads(config_path("vae", "sd-vae-ft-mse.json").read_text())
+    torch.manual_seed(0)
+    plain = AutoencoderKL.from_config(cfg).eval()
+    fused = fuse_group_norms(copy.deepcopy(plain))
+    # every ResNet block's two norms and the encoder's and decoder's output norms
+    assert sum(isinstance(m, GroupNormSiLU) for m in fused.modules()) == 2 * (2 * 4 + 2 + 3 * 4 + 2) + 2
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = plain.decode(plain.encode(x).latent_dist.mode()).sample
+        out = fused.decode(fused.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()).sample
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - expected).abs().max() < 1e-4
 
 
 def test_tiny_random_runs_the_whole_stack_in_seconds():
