@@ -235,11 +235,16 @@ def test_frame_attention_kernel_matches_sdpa():
 
 # GroupNorm: channel means far from zero (the partial statistics' combination must not cancel), channel counts that
 # are not powers of two, statistics over whole clips and per frame, with and without SiLU and a frame bias.
-# LayerNorm with and without the residual add; GEGLU; then whole fp16 blocks (kernels) against float32 (PyTorch).
+# LayerNorm with and without the residual add and the positions by frame; GEGLU; residual add + channel bias; then
+# whole fp16 blocks (kernels) and the fused VAE against float32 (PyTorch).
 FUSED_KERNELS_CHECK = r"""
+import json
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from lipsync_ray.models import fused
+from lipsync_ray.models.presets import config_path
+from lipsync_ray.models.vae import fuse_group_norms
 from lipsync_ray.models.blocks import AudioTransformerBlock, ResnetBlock3D, TemporalTransformerBlock, to_frame_batch
 
 torch.manual_seed(0)
@@ -270,22 +275,43 @@ for with_delta in (False, True):
     expected = x + delta if with_delta else x
     assert torch.equal(total, expected)
     worst = max(worst, error(out, F.layer_norm(expected.double(), (80,), weight.double(), bias.double(), 1e-5)))
+x, frame_bias = torch.randn(2 * 3, 5, 80).half(), torch.randn(3, 80).half()  # positions added by frame
+weight, bias = (torch.randn(80) * 0.2 + 1).half(), (torch.randn(80) * 0.2).half()
+_, out = fused.add_layer_norm(x, None, weight, bias, 1e-5, frame_bias)
+expected = F.layer_norm(x.double(), (80,), weight.double(), bias.double(), 1e-5).reshape(2, 3, 5, 80)
+worst = max(worst, error(out, (expected + frame_bias.double()[:, None]).reshape(6, 5, 80)))
+x, h = (to_frame_batch(torch.randn(1, 48, 3, 5, 4)).half() for _ in range(2))
+bias = torch.randn(48).half()
+worst = max(worst, error(fused.add_bias(x, h, bias), x.double() + h.double() + bias.double()[:, None, None]))
 value, gate = torch.randn(5, 300).half() * 3, torch.randn(5, 300).half() * 3
 worst = max(worst, error(fused.geglu(value, gate), value.double() * F.gelu(gate.double())))
 module = 0.0
 for block, inputs in [
     (ResnetBlock3D(64, 96, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
+    (ResnetBlock3D(64, 64, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
     (AudioTransformerBlock(64, 2, 48), (torch.randn(4, 30, 64), torch.randn(4, 7, 48))),
     (TemporalTransformerBlock(64, 2, 2, 24), (torch.randn(2 * 8, 6, 64), 8)),
 ]:
     expected = block(*inputs)  # float32: the PyTorch forms
     half = block.half()(*(t.half() if isinstance(t, torch.Tensor) else t for t in inputs)).float()
     module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-print(worst, module)
+calls = []  # the VAE's fused norms run, not their PyTorch fallback
+group_norm = fused.group_norm
+fused.group_norm = lambda *args, **kwargs: calls.append(1) or group_norm(*args, **kwargs)
+vae = fuse_group_norms(AutoencoderKL.from_config(json.loads(config_path("vae", "tiny-random.json").read_text())).eval())
+x = (torch.rand(2, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
+with torch.no_grad():
+    expected = vae.decode(vae.encode(x).latent_dist.mode()).sample  # float32: PyTorch's GroupNorm and SiLU
+    assert not calls
+    vae.half()
+    half = vae.decode(vae.encode(x.half()).latent_dist.mode()).sample.float()
+module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
+print(worst, module, len(calls))
 """
 
 
 def test_fused_kernels_match_float64():
-    worst, module = _interpreted(FUSED_KERNELS_CHECK)
+    worst, module, vae_norms = _interpreted(FUSED_KERNELS_CHECK)
     assert worst < 1e-3  # fp16 rounding: half an ulp is 4.9e-4 relative
-    assert module < 1e-2  # whole fp16 blocks (kernels) against float32 (PyTorch forms)
+    assert module < 1e-2  # whole fp16 blocks and the VAE (kernels) against float32 (PyTorch forms)
+    assert vae_norms == 2 * (4 + 2 + 4 * 2 + 2) + 2  # tiny VAE: 1 and 2 ResNets per level, 2 in each mid block

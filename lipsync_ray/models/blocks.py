@@ -75,18 +75,32 @@ def group_norm(
     return F.silu(out) if silu else out
 
 
-def add_norm(norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual stream `x + delta` and its LayerNorm: one pass on a GPU (`fused`)."""
+def add_norm(
+    norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None, frame_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream `x + delta` and its LayerNorm, plus `frame_bias` (frames, c) by frame for tokens x
+    ((b frames), pixels, c): one pass on a GPU (`fused`)."""
     if fused.supported(x):
-        return fused.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+        return fused.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, frame_bias)
     if delta is not None:
         x = delta + x
-    return x, norm(x)
+    h = norm(x)
+    if frame_bias is not None:
+        h = (h.reshape(-1, frame_bias.shape[0], *h.shape[1:]) + frame_bias[:, None]).reshape(h.shape)
+    return x, h
+
+
+def add_bias(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Residual add of two frame batches plus a bias per channel: one pass on a GPU (`fused`)."""
+    if fused.supported(x) and fused.supported(h) and x.stride() == h.stride():
+        return fused.add_bias(x, h, bias)
+    return x + h + bias[:, None, None]
 
 
 class ResnetBlock3D(nn.Module):
     """Pre-activation ResNet block with timestep conditioning; GroupNorm statistics span all frames. conv1's bias
-    joins the timestep's: both are per-frame rows that norm2 adds as it reads conv1's output."""
+    joins the timestep's: both are per-frame rows that norm2 adds as it reads conv1's output. conv2's and the
+    shortcut's biases join the residual add (cuDNN adds a convolution's bias in a pass of its own)."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
@@ -101,10 +115,12 @@ class ResnetBlock3D(nn.Module):
         """x: the frame batch; temb: one row per frame."""
         h = F.conv2d(group_norm(self.norm1, x, frames, silu=True), self.conv1.weight, padding=self.conv1.padding)
         bias = self.time_emb_proj(F.silu(temb)) + self.conv1.bias
-        h = self.conv2(group_norm(self.norm2, h, frames, silu=True, frame_bias=bias))
+        h = F.conv2d(group_norm(self.norm2, h, frames, silu=True, frame_bias=bias), self.conv2.weight, padding=self.conv2.padding)
+        bias = self.conv2.bias
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+            x = F.conv2d(x, self.conv_shortcut.weight)
+            bias = bias + self.conv_shortcut.bias
+        return add_bias(x, h, bias)
 
 
 class Downsample3D(nn.Module):
@@ -144,6 +160,21 @@ class FeedForward(nn.Module):
         return self.net[2](fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate))
 
 
+class TokenAttention(Attention):
+    """diffusers' Attention (same parameters) on tokens (batch, n, dim), with a forward of its own: the default
+    processor's division by `rescale_output_factor` (1 here) is a pass over the output for nothing."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        context = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (
+            proj(t).view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+            for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out[1](self.to_out[0](out))
+
+
 class AudioTransformerBlock(nn.Module):
     """Per-frame spatial self-attention, then cross-attention to that frame's audio tokens, then GEGLU."""
 
@@ -151,10 +182,10 @@ class AudioTransformerBlock(nn.Module):
         super().__init__()
         head_dim = dim // heads
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(query_dim=dim, heads=heads, dim_head=head_dim, bias=False)
+        self.attn1 = TokenAttention(query_dim=dim, heads=heads, dim_head=head_dim, bias=False)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(
+            self.attn2 = TokenAttention(
                 query_dim=dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=head_dim, bias=False
             )
         else:
@@ -167,7 +198,7 @@ class AudioTransformerBlock(nn.Module):
         delta = self.attn1(h)
         if self.attn2 is not None:
             x, h = add_norm(self.norm2, x, delta)
-            delta = self.attn2(h, encoder_hidden_states=context)
+            delta = self.attn2(h, context)
         x, h = add_norm(self.norm3, x, delta)
         return self.ff(h) + x
 
@@ -204,13 +235,11 @@ class SinusoidalPositionalEncoding(nn.Module):
         pe[0, :, 1::2] = torch.cos(position * div_term)
         self.register_buffer("pe", pe)  # persistent: it is part of the published state dict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, frames, ..., dim)."""
-        frames = x.shape[1]
+    def table(self, frames: int, dtype: torch.dtype) -> torch.Tensor:
+        """The encodings of positions 0 .. frames - 1: (frames, dim)."""
         if frames > self.pe.shape[1]:
             raise ValueError(f"{frames} frames exceed the temporal position table ({self.pe.shape[1]})")
-        pe = self.pe[0, :frames].to(x.dtype)
-        return x + pe.reshape(frames, *[1] * (x.dim() - 3), pe.shape[-1])
+        return self.pe[0, :frames].to(dtype)
 
 
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -227,7 +256,8 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 class TemporalSelfAttention(Attention):
-    """Self-attention across the frames of each pixel, with positional encoding added to its input.
+    """Self-attention across the frames of each pixel. Its input carries the positional encoding (`positions`):
+    the block's LayerNorm adds it as it writes that input.
 
     The frame batch ((b f), pixels, c) is attended to in place: (pixel, head) pairs are one strided dimension of
     a (b, pixels*heads, f, head_dim) view, so neither the input nor the output is transposed to per-pixel
@@ -237,12 +267,14 @@ class TemporalSelfAttention(Attention):
         super().__init__(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False)
         self.pos_encoder = SinusoidalPositionalEncoding(dim, max_len) if max_len else None
 
+    def positions(self, frames: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """(frames, dim) to add to the input of each frame, or None without positional encoding."""
+        return self.pos_encoder.table(frames, dtype) if self.pos_encoder is not None else None
+
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
         bf, pixels, c = x.shape
         b = bf // frames
         x = x.reshape(b, frames, pixels, c)
-        if self.pos_encoder is not None:
-            x = self.pos_encoder(x)
         q, k, v = (
             proj(x).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
             for proj in (self.to_q, self.to_k, self.to_v)
@@ -264,7 +296,7 @@ class TemporalTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         delta = None
         for attention, norm in zip(self.attention_blocks, self.norms):
-            x, h = add_norm(norm, x, delta)
+            x, h = add_norm(norm, x, delta, attention.positions(frames, x.dtype))
             delta = attention(h, frames)
         x, h = add_norm(self.ff_norm, x, delta)
         return self.ff(h) + x
