@@ -11,24 +11,20 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
+from .ahead import ahead
 from .config import LipSyncConfig
 from .stages import (
     Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, kept, lower_priority, plan_video, split,
 )
-
-A, B = TypeVar("A"), TypeVar("B")
-
 
 @dataclass
 class RunResult:
@@ -40,27 +36,6 @@ class RunResult:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds else 0.0
-
-
-def ahead(fn: Callable[[A], B], inputs: Iterable[A], depth: int, pool: Executor | None = None) -> Iterator[B]:
-    """`map(fn, inputs)` in order, computed in `pool` (default: one background thread) up to `depth` results
-    ahead of the consumer."""
-    own = pool is None
-    pool = pool or ThreadPoolExecutor(1)
-    source = iter(inputs)
-    pending = deque(pool.submit(fn, x) for _, x in zip(range(depth), source))
-    try:
-        while pending:
-            result = pending.popleft().result()
-            for x in source:  # refill one slot, if any input is left
-                pending.append(pool.submit(fn, x))
-                break
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        if own:
-            pool.shutdown(wait=True)
 
 
 _worker: Prepare | Exception | None = None  # this Prepare worker process's stage, or why its setup failed

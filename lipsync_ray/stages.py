@@ -7,7 +7,7 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from more_itertools import chunked
 
+from .ahead import ahead
 from .audio import chunk_features, mel_ceiling
 from .config import LipSyncConfig
 from .diffusion import LipSyncDiffusion
@@ -279,23 +280,33 @@ class Compose:
         self.stream = torch.cuda.Stream(self.device, priority=-1) if torch.device(self.device).type == "cuda" else None
 
     def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
-        """`items` yields PreparedChunks in chunk order; returns the number of frames written."""
+        """`items` yields PreparedChunks in chunk order; returns the number of frames written.
+
+        Three threads overlap: one decodes the next groups of source frames (their order is known from the plan
+        alone), this one pastes, and one feeds the encoder. Each holds at most two groups ahead."""
         written = 0
         video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
+        groups = [range(f, min(f + PASTE_GROUP, plan.n_out)) for f in range(0, plan.n_out, PASTE_GROUP)]
         with (
             FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer,
             torch.cuda.stream(self.stream) if self.stream is not None else nullcontext(),
         ):
-            for group in chunked(stitch(plan, items, self.cfg.window_overlap), PASTE_GROUP):
-                for frame in self._paste(plan, reader, group):
-                    writer.write(frame)
-                    written += 1
-                    if progress:
-                        progress(1)
+
+            def decode(frames: range) -> list[np.ndarray]:
+                return [reader[int(plan.source_map[f])] for f in frames]
+
+            with closing(ahead(decode, groups, depth=2)) as decoded:
+                stitched = chunked(stitch(plan, items, self.cfg.window_overlap), PASTE_GROUP)
+                pasted = (self._paste(group, frames) for group, frames in zip(stitched, decoded))
+                with closing(ahead(writer.write_all, pasted, depth=2)) as encoded:
+                    for count in encoded:
+                        written += count
+                        if progress:
+                            progress(count)
         return written
 
-    def _paste(self, plan: VideoPlan, reader: FrameReader, group) -> list[np.ndarray]:
-        frames = [reader[int(plan.source_map[f])] for f, *_ in group]
+    def _paste(self, group, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Stitched output frames `group` pasted into their decoded source `frames`."""
         with_face = [i for i, (_, _, has_face, _) in enumerate(group) if has_face]
         if with_face:
             crops = torch.from_numpy(np.stack([group[i][1] for i in with_face])).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -103,7 +103,7 @@ from lipsync_ray.pipeline import LipSyncPipeline
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
 pipeline = LipSyncPipeline(LipSyncConfig(model="tiny-random", steps=1, detector="offline", windows_per_chunk=4))
 trace = []
-result = pipeline.run(sys.argv[1], sys.argv[2], sys.argv[3], progress=lambda n: trace.append(rss()))
+result = pipeline.run(sys.argv[1], sys.argv[2], sys.argv[3], progress=lambda n: trace.extend([rss()] * n))
 print(result.frames, *trace)
 """
 

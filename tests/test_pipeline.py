@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lipsync_ray.cli import app
 from lipsync_ray.media import FrameReader, probe_video
-from lipsync_ray.pipeline import ahead
+from lipsync_ray.ahead import ahead
 
 from .conftest import DATA
 

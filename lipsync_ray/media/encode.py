@@ -42,10 +42,15 @@ class VideoWriter:
         if frame.shape != (self.size[1], self.size[0], 3) or frame.dtype != np.uint8:
             raise ValueError(f"frame {frame.shape} {frame.dtype} does not match {self.size[1]}x{self.size[0]}x3 uint8")
         try:
-            self.process.stdin.write(np.ascontiguousarray(frame).tobytes())
+            self.process.stdin.write(memoryview(np.ascontiguousarray(frame)))  # no copy of a contiguous frame
         except BrokenPipeError:
             self._fail()
         self.frames += 1
+
+    def write_all(self, frames: list[np.ndarray]) -> int:
+        for frame in frames:
+            self.write(frame)
+        return len(frames)
 
     def _fail(self) -> None:
         err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
