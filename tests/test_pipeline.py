@@ -169,3 +169,17 @@ def test_ahead_keeps_order_bounds_its_lookahead_and_reraises():
 
     with pytest.raises(ValueError, match="bad item 3"):
         list(ahead(fails_at_3, range(10), depth=2))
+
+    finished = []
+
+    def slow(x):
+        time.sleep(0.3)
+        finished.append(x)
+
+    def inputs_failing_at_1():  # as Compose's pasted frames when Generate fails: the write in flight must end first
+        yield 0
+        raise ValueError("bad input 1")
+
+    with pytest.raises(ValueError, match="bad input 1"):
+        list(ahead(slow, inputs_failing_at_1(), depth=2))
+    assert finished == [0]
