@@ -18,7 +18,7 @@ from lipsync_ray.models.presets import (
     load_whisper,
     make_scheduler,
 )
-from lipsync_ray.models.vae import GroupNormSiLU, fuse_group_norms
+from lipsync_ray.models.vae import GroupNormSiLU, VAEResnetBlock, fuse_group_norms
 
 from .conftest import DATA
 
@@ -63,6 +63,7 @@ def test_vae_with_fused_group_norms_keeps_its_weights_and_output():
     fused = fuse_group_norms(copy.deepcopy(plain))
     # every ResNet block's two norms and the encoder's and decoder's output norms
     assert sum(isinstance(m, GroupNormSiLU) for m in fused.modules()) == 2 * (2 * 4 + 2 + 3 * 4 + 2) + 2
+    assert sum(isinstance(m, VAEResnetBlock) for m in fused.modules()) == 2 * 4 + 2 + 3 * 4 + 2
     assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():

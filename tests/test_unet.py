@@ -295,23 +295,25 @@ for block, inputs in [
     expected = block(*inputs)  # float32: the PyTorch forms
     half = block.half()(*(t.half() if isinstance(t, torch.Tensor) else t for t in inputs)).float()
     module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-calls = []  # the VAE's fused norms run, not their PyTorch fallback
-group_norm = fused.group_norm
+calls, adds = [], []  # the VAE's fused norms and residual adds run, not their PyTorch fallbacks
+group_norm, add_bias = fused.group_norm, fused.add_bias
 fused.group_norm = lambda *args, **kwargs: calls.append(1) or group_norm(*args, **kwargs)
+fused.add_bias = lambda *args: adds.append(1) or add_bias(*args)
 vae = fuse_group_norms(AutoencoderKL.from_config(json.loads(config_path("vae", "tiny-random.json").read_text())).eval())
 x = (torch.rand(2, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
 with torch.no_grad():
     expected = vae.decode(vae.encode(x).latent_dist.mode()).sample  # float32: PyTorch's GroupNorm and SiLU
-    assert not calls
+    assert not calls and not adds
     vae.half()
     half = vae.decode(vae.encode(x.half()).latent_dist.mode()).sample.float()
 module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-print(worst, module, len(calls))
+print(worst, module, len(calls), len(adds))
 """
 
 
 def test_fused_kernels_match_float64():
-    worst, module, vae_norms = _interpreted(FUSED_KERNELS_CHECK)
+    worst, module, vae_norms, vae_adds = _interpreted(FUSED_KERNELS_CHECK)
     assert worst < 1e-3  # fp16 rounding: half an ulp is 4.9e-4 relative
     assert module < 1e-2  # whole fp16 blocks and the VAE (kernels) against float32 (PyTorch forms)
     assert vae_norms == 2 * (4 + 2 + 4 * 2 + 2) + 2  # tiny VAE: 1 and 2 ResNets per level, 2 in each mid block
+    assert vae_adds == 4 + 2 + 4 * 2 + 2  # one per ResNet
