@@ -69,7 +69,7 @@ def run(model: str, n_windows: int, per_batch: int, deepcache: int, compile: boo
 def vae_ms(model: str, frames: int = 64) -> list[tuple[str, float, float]]:
     """(VAE form, encode ms, decode ms) for one U-Net batch of `frames` crops: Generate encodes each crop twice
     (reference and masked) and decodes once. Rows: diffusers' VAE as published (contiguous, PyTorch's GroupNorm and
-    SiLU) and ours (`models.vae`: channels-last, fused GroupNorm + SiLU), same weights."""
+    SiLU) and ours (`models.vae`: channels-last, GroupNorm + SiLU and the ResNets' adds fused), same weights."""
     diffusion = _diffusion(model)
     fused = diffusion.c.vae
     plain = AutoencoderKL.from_config(fused.config).to("cuda", torch.float16).eval()
@@ -79,7 +79,7 @@ def vae_ms(model: str, frames: int = 64) -> list[tuple[str, float, float]]:
     rows = []
     for name, vae, fmt in (
         ("diffusers, contiguous", plain, torch.contiguous_format),
-        ("fused GroupNorm+SiLU, channels-last", fused, torch.channels_last),
+        ("ours: fused kernels, channels-last", fused, torch.channels_last),
     ):
         parts = lambda x: [p.contiguous(memory_format=fmt) for p in x.split(VAE_FRAMES)]  # noqa: E731
         with torch.no_grad():

@@ -18,7 +18,7 @@ from lipsync_ray.models.presets import (
     load_whisper,
     make_scheduler,
 )
-from lipsync_ray.models.vae import GroupNormSiLU, VAEResnetBlock, fuse_group_norms
+from lipsync_ray.models.vae import GroupNormSiLU, VAEResnetBlock, fuse_vae
 
 from .conftest import DATA
 
@@ -56,11 +56,11 @@ def test_vae_config_is_sd_vae_ft_mse():
     assert vae.config.scaling_factor == VAE_SCALING == 0.18215
 
 
-def test_vae_with_fused_group_norms_keeps_its_weights_and_output():
+def test_vae_on_fused_kernels_keeps_its_weights_and_output():
     cfg = json.loads(config_path("vae", "sd-vae-ft-mse.json").read_text())
     torch.manual_seed(0)
     plain = AutoencoderKL.from_config(cfg).eval()
-    fused = fuse_group_norms(copy.deepcopy(plain))
+    fused = fuse_vae(copy.deepcopy(plain))
     # every ResNet block's two norms and the encoder's and decoder's output norms
     assert sum(isinstance(m, GroupNormSiLU) for m in fused.modules()) == 2 * (2 * 4 + 2 + 3 * 4 + 2) + 2
     assert sum(isinstance(m, VAEResnetBlock) for m in fused.modules()) == 2 * 4 + 2 + 3 * 4 + 2

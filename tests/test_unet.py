@@ -244,7 +244,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lipsync_ray.models import fused
 from lipsync_ray.models.presets import config_path
-from lipsync_ray.models.vae import fuse_group_norms
+from lipsync_ray.models.vae import fuse_vae
 from lipsync_ray.models.blocks import AudioTransformerBlock, ResnetBlock3D, TemporalTransformerBlock, to_frame_batch
 
 torch.manual_seed(0)
@@ -299,7 +299,7 @@ calls, adds = [], []  # the VAE's fused norms and residual adds run, not their P
 group_norm, add_bias = fused.group_norm, fused.add_bias
 fused.group_norm = lambda *args, **kwargs: calls.append(1) or group_norm(*args, **kwargs)
 fused.add_bias = lambda *args: adds.append(1) or add_bias(*args)
-vae = fuse_group_norms(AutoencoderKL.from_config(json.loads(config_path("vae", "tiny-random.json").read_text())).eval())
+vae = fuse_vae(AutoencoderKL.from_config(json.loads(config_path("vae", "tiny-random.json").read_text())).eval())
 x = (torch.rand(2, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
 with torch.no_grad():
     expected = vae.decode(vae.encode(x).latent_dist.mode()).sample  # float32: PyTorch's GroupNorm and SiLU

@@ -23,7 +23,7 @@ from whisper.model import ModelDimensions
 
 from ..audio import WhisperFeatureEncoder
 from .unet import UNet3DConditionModel
-from .vae import fuse_group_norms
+from .vae import fuse_vae
 
 VAE_SCALING = 0.18215
 VAE_SHIFT = 0.0
@@ -119,7 +119,7 @@ class Components:
             if next(model.parameters()).dtype != dtype:  # diffusers warns on every cast, even a no-op one
                 model.to(dtype=dtype)
         self.unet.to(memory_format=torch.channels_last)  # its activations' layout (models/blocks.py)
-        fuse_group_norms(self.vae)  # channels-last too (models/vae.py)
+        fuse_vae(self.vae)  # channels-last too (models/vae.py)
         return self
 
 

@@ -6,7 +6,7 @@ Every ResNet block and both output heads of the VAE normalise and then apply SiL
 and on channels-last input a GroupNorm that copies to contiguous first. Each ResNet block then adds its
 convolutions' biases (cuDNN: a pass each), the residual and a division by its output scale of 1, more passes at
 those sizes (an H200 profile of Generate: 60 ms of element-wise adds per 64 frames with DeepCache 3, against 243
-ms for the whole VAE). `fuse_group_norms` swaps the pairs for `GroupNormSiLU` and the blocks for `VAEResnetBlock`
+ms for the whole VAE). `fuse_vae` swaps the pairs for `GroupNormSiLU` and the blocks for `VAEResnetBlock`
 (same parameters, same state-dict keys): the Triton kernels (`fused.group_norm` per image, `fused.add_bias`) on a
 GPU and PyTorch's own steps elsewhere (the same math).
 """
@@ -55,7 +55,7 @@ def _fused(norm: nn.GroupNorm) -> GroupNormSiLU:
     return out
 
 
-def fuse_group_norms(vae: AutoencoderKL) -> AutoencoderKL:
+def fuse_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """In place: each GroupNorm that a SiLU follows becomes a GroupNormSiLU and the SiLU an identity (ResNet
     blocks without a timestep input, as in the VAE, which become VAEResnetBlocks, and the encoder's and decoder's
     `conv_norm_out`/`conv_act`). Calling it again changes nothing."""
