@@ -97,6 +97,17 @@ def add_bias(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tens
     return x + h + bias[:, None, None]
 
 
+def conv_residual(x: torch.Tensor, h: torch.Tensor, conv: nn.Conv2d, shortcut: nn.Conv2d | None) -> torch.Tensor:
+    """A ResNet block's output `shortcut(x) + conv(h)`, both convolutions without their biases, which the residual
+    add takes instead (cuDNN adds a convolution's bias in a pass of its own)."""
+    h = F.conv2d(h, conv.weight, padding=conv.padding)
+    bias = conv.bias
+    if shortcut is not None:
+        x = F.conv2d(x, shortcut.weight)
+        bias = bias + shortcut.bias
+    return add_bias(x, h, bias)
+
+
 class ResnetBlock3D(nn.Module):
     """Pre-activation ResNet block with timestep conditioning; GroupNorm statistics span all frames. conv1's bias
     joins the timestep's: both are per-frame rows that norm2 adds as it reads conv1's output. conv2's and the
@@ -115,12 +126,7 @@ class ResnetBlock3D(nn.Module):
         """x: the frame batch; temb: one row per frame."""
         h = F.conv2d(group_norm(self.norm1, x, frames, silu=True), self.conv1.weight, padding=self.conv1.padding)
         bias = self.time_emb_proj(F.silu(temb)) + self.conv1.bias
-        h = F.conv2d(group_norm(self.norm2, h, frames, silu=True, frame_bias=bias), self.conv2.weight, padding=self.conv2.padding)
-        bias = self.conv2.bias
-        if self.conv_shortcut is not None:
-            x = F.conv2d(x, self.conv_shortcut.weight)
-            bias = bias + self.conv_shortcut.bias
-        return add_bias(x, h, bias)
+        return conv_residual(x, group_norm(self.norm2, h, frames, silu=True, frame_bias=bias), self.conv2, self.conv_shortcut)
 
 
 class Downsample3D(nn.Module):

@@ -1,8 +1,9 @@
 """Triton kernels for the U-Net's memory-bound steps in eager mode: GroupNorm (+ frame bias, + SiLU), residual add
-+ LayerNorm (+ the motion modules' positional encoding), GEGLU's product, and residual add + convolution bias. Eager PyTorch spends several passes over the activations on each of these. With
-these kernels the eager U-Net is as fast as the compiled one, without compiling (H100, 256 px, 4 windows: 100.5 ms
-against 133 before and 100.0 compiled; 512 px: 414 against 518). Under torch.compile Inductor fuses the PyTorch
-forms with their neighbours instead, so these run in eager only (`supported`).
++ LayerNorm (+ the motion modules' positional encoding), GEGLU's product, and residual add + convolution bias.
+Eager PyTorch spends several passes over the activations on each of these. With these kernels the eager U-Net is
+as fast as the compiled one, without compiling (H100, 256 px, 4 windows: 100.5 ms against 133 before and 100.0
+compiled; 512 px: 414 against 518). Under torch.compile Inductor fuses the PyTorch forms with their neighbours
+instead, so these run in eager only (`supported`).
 
 GroupNorm, written out in PyTorch (`blocks.group_norm`), is a mean pass, a Welford pass, a float32 `addcmul`, a
 copy back to fp16 and a SiLU (24.5 of those 133 ms), and the ResNets' timestep bias one more broadcast pass. Here:

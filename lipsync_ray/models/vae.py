@@ -20,7 +20,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from . import fused
-from .blocks import add_bias
+from .blocks import conv_residual
 
 
 class GroupNormSiLU(nn.GroupNorm):
@@ -40,12 +40,7 @@ class VAEResnetBlock(ResnetBlock2D):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = F.conv2d(self.norm1(input_tensor), self.conv1.weight, padding=self.conv1.padding)
-        h = F.conv2d(self.norm2(h, self.conv1.bias), self.conv2.weight, padding=self.conv2.padding)
-        x, bias = input_tensor, self.conv2.bias
-        if self.conv_shortcut is not None:
-            x = F.conv2d(x, self.conv_shortcut.weight)
-            bias = bias + self.conv_shortcut.bias
-        return add_bias(x, h, bias)
+        return conv_residual(input_tensor, self.norm2(h, self.conv1.bias), self.conv2, self.conv_shortcut)
 
 
 def _fused(norm: nn.GroupNorm) -> GroupNormSiLU:
