@@ -123,5 +123,8 @@ def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     # typical memory (median over 100 frames: chunk hand-overs make short spikes) halfway and at the end
     half, last, peak = np.median(trace[300:400]), np.median(trace[-100:]), max(trace)
     print(f"\nresident memory: {half:.0f} MiB halfway, {last:.0f} MiB at the end, peak {peak} MiB")
-    assert last - half < 32
+    # Holding every frame would add 300 x 0.66 MiB between the two medians; allow half of that, since the
+    # allocator still drifts by up to 40 MiB late in the run on a 2-core machine (CI failed once at 32).
+    frame_mib = 360 * 640 * 3 / 2**20
+    assert last - half < 300 * frame_mib / 2
     assert peak - max(trace[:60]) < 128
