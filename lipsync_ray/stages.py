@@ -7,6 +7,7 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from more_itertools import chunked
 
 from .ahead import ahead
-from .audio import chunk_features, mel_ceiling
+from .audio import EncodedWindows, chunk_features, mel_ceiling
 from .config import LipSyncConfig
 from .diffusion import LipSyncDiffusion
 from .faces import FaceAligner, make_detector
@@ -112,12 +113,19 @@ class Prepare:
         self.detector: FaceDetector = make_detector(self.cfg.detector, checkpoints_root(self.cfg.checkpoints) / "insightface")
         self.aligner = FaceAligner(preset.resolution)
         self.whisper = load_whisper(preset, self.cfg.checkpoints)
-        self._audio: tuple[str, np.ndarray] | None = None  # the last audio file decoded: chunks of a video share it
+        self._clips = threading.local()  # per calling thread (Serve may call from several): its last clip
 
-    def _waveform(self, path: str) -> np.ndarray:
-        if self._audio is None or self._audio[0] != path:
-            self._audio = (path, load_audio(local_path(self.inputs, path)))
-        return self._audio[1]
+    def _clip(self, plan: VideoPlan) -> "_OpenClip":
+        """The open inputs of `plan`'s clip, kept from the last call on this thread when it was the same clip."""
+        clip: _OpenClip | None = getattr(self._clips, "clip", None)
+        if clip is None or (clip.video, clip.audio, clip.ceiling) != (plan.video, plan.audio, plan.ceiling):
+            if clip is not None:
+                clip.reader.close()
+            clip = self._clips.clip = _OpenClip(
+                plan.video, plan.audio, plan.ceiling, FrameReader(local_path(self.inputs, plan.video)),
+                load_audio(local_path(self.inputs, plan.audio)),
+            )
+        return clip
 
     def __call__(self, plan: VideoPlan, chunk: Chunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
         """`cfg` may override the face choice of the stage's own config (per-video parameters)."""
@@ -140,28 +148,41 @@ class Prepare:
         present = np.zeros(n + lead, bool)
         points: list[np.ndarray] = []  # of the frames with a face, in order
         previous = None
-        with FrameReader(local_path(self.inputs, plan.video)) as reader:
-            for g in range(0, n + lead, ALIGN_GROUP):  # a few full frames in memory at a time
-                group = range(g, min(g + ALIGN_GROUP, n + lead))
-                images = [reader[int(plan.source_map[first + i])] for i in group]
-                found = []
-                for i, image in zip(group, images):
-                    face = _choose(self.detector.detect(image), previous, face_policy)
-                    if face is not None:
-                        previous, present[i] = face, True
-                        points.append(face.points)
-                        found.append(i)
-                if not found:
-                    continue
-                recent = np.stack(points[-(memory - 1 + len(found)) :])
-                m, _ = self.aligner.estimate(recent, memory=memory)
-                matrices[found] = m[-len(found) :].numpy()
-                own = [i for i in found if i >= lead]
-                if own:
-                    warped = self.aligner.warp([images[i - g] for i in own], torch.from_numpy(matrices[own]))
-                    crops[[i - lead for i in own]] = self.aligner.to_model_size(warped)
-        audio = chunk_features(self.whisper, self._waveform(plan.audio), frames, self.cfg.audio_mode, plan.ceiling)
+        clip = self._clip(plan)
+        for g in range(0, n + lead, ALIGN_GROUP):  # a few full frames in memory at a time
+            group = range(g, min(g + ALIGN_GROUP, n + lead))
+            images = [clip.reader[int(plan.source_map[first + i])] for i in group]
+            found = []
+            for i, image in zip(group, images):
+                face = _choose(self.detector.detect(image), previous, face_policy)
+                if face is not None:
+                    previous, present[i] = face, True
+                    points.append(face.points)
+                    found.append(i)
+            if not found:
+                continue
+            recent = np.stack(points[-(memory - 1 + len(found)) :])
+            m, _ = self.aligner.estimate(recent, memory=memory)
+            matrices[found] = m[-len(found) :].numpy()
+            own = [i for i in found if i >= lead]
+            if own:
+                warped = self.aligner.warp([images[i - g] for i in own], torch.from_numpy(matrices[own]))
+                crops[[i - lead for i in own]] = self.aligner.to_model_size(warped)
+        audio = chunk_features(self.whisper, clip.waveform, frames, self.cfg.audio_mode, plan.ceiling, clip.windows)
         return PreparedPart(frames, crops, matrices[lead:], present[lead:], audio)
+
+
+@dataclass
+class _OpenClip:
+    """What Prepare keeps open between calls on one clip: the video's decoder (a later chunk continues it instead
+    of seeking back to a keyframe and decoding up to its start again) and the audio with its encoded windows."""
+
+    video: str
+    audio: str
+    ceiling: float
+    reader: FrameReader
+    waveform: np.ndarray
+    windows: EncodedWindows = field(default_factory=dict)
 
 
 def split(chunk: Chunk, parts: int) -> list[range]:

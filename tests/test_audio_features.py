@@ -72,9 +72,11 @@ def test_a_chunk_gets_exactly_the_whole_clips_rows(encoder, long_waveform, mode)
 
     whole = feature_array(encoder, long_waveform, mode=mode)
     ceiling = mel_ceiling(long_waveform)
+    cache = {}  # the encoded windows that each call leaves for the next
     for rows in [range(0, 40), range(1400, 1560), range(1600, 1625)]:
-        part = feature_rows(encoder, long_waveform, rows, mode=mode, ceiling=ceiling)
-        torch.testing.assert_close(part, whole[rows.start : rows.stop], rtol=1e-5, atol=1e-5)
+        for kept in ({}, cache):
+            part = feature_rows(encoder, long_waveform, rows, mode=mode, ceiling=ceiling, cache=kept)
+            torch.testing.assert_close(part, whole[rows.start : rows.stop], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         feature_rows(encoder, long_waveform, range(1600, 1700), mode=mode)
 
@@ -85,3 +87,19 @@ def test_chunk_features_equal_the_whole_clips_frames(encoder, long_waveform):
     whole = feature_array(encoder, long_waveform)
     part = chunk_features(encoder, long_waveform, range(740, 761), ceiling=mel_ceiling(long_waveform))
     torch.testing.assert_close(part, frame_features(whole, range(740, 761)), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_in_order_encode_each_window_once(encoder, long_waveform):
+    """The 32.5 s clip has two seamless windows: 25 chunks of 32 frames encode them once each with a shared cache,
+    which then holds only the windows the last chunk used."""
+    from lipsync_ray.audio import chunk_features, mel_ceiling
+
+    encoded = []
+    hook = encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    try:
+        cache, ceiling = {}, mel_ceiling(long_waveform)
+        for start in range(0, 800, 32):
+            chunk_features(encoder, long_waveform, range(start, start + 32), ceiling=ceiling, cache=cache)
+    finally:
+        hook.remove()
+    assert sum(encoded) == 2 and list(cache) == [1]

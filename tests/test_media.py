@@ -1,9 +1,10 @@
 import subprocess
 
+import av
 import numpy as np
 import pytest
 
-from lipsync_ray.media import MediaError, VideoWriter, iter_frames, load_audio, probe_video
+from lipsync_ray.media import FrameReader, MediaError, VideoWriter, iter_frames, load_audio, probe_video
 
 from .conftest import DATA
 
@@ -17,6 +18,27 @@ def test_probe_and_decode_a_range():
     assert (info.width, info.height, info.fps, info.frames, info.has_audio) == (1080, 1920, 25, 250, True)
     frames = list(iter_frames(DATA / "demo1_video.mp4", 10, 13))
     assert len(frames) == 3 and frames[0].shape == (1920, 1080, 3) and frames[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("gop", [10, 1000])
+def test_frame_reader_returns_the_right_frames_for_any_reads_and_skips_keyframe_free_gaps(tmp_path, gop):
+    """Frames read in a chunked, ping-pong and jumping order equal a plain decode's. A forward jump with no
+    keyframe in it decodes on, one past a keyframe seeks: with keyframes every 10 frames, the reader has learnt
+    that from the first 30 frames and seeks for each jump of 40 or more; in a single-keyframe video it never seeks forward."""
+    video = tmp_path / "v.mp4"
+    _ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-t", "6", "-vf", "scale=90:160", "-c:v", "libx264", "-g", str(gop), "-an", str(video))
+    with av.open(str(video)) as container:
+        truth = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(truth) == 150
+    reads = [*range(0, 30), *range(90, 100), *range(99, 80, -1), *range(140, 150), *range(149, 130, -1), 5, 70]
+    with FrameReader(video) as reader:
+        seeks = []
+        seek = reader._seek
+        reader._seek = lambda index: (seeks.append((index, reader._next)), seek(index))  # notes, then seeks
+        for index in reads:
+            np.testing.assert_array_equal(reader[index], truth[index], err_msg=f"frame {index}")
+    forward = [index for index, decoder_at in seeks if index >= decoder_at > 0]
+    assert forward == ([90, 140, 70] if gop == 10 else []), seeks
 
 
 def test_audio_is_converted_to_16khz_mono():

@@ -1,4 +1,5 @@
 from .whisper_features import (
+    EncodedWindows,
     chunk_features,
     feature_rows,
     mel_ceiling,
@@ -13,6 +14,7 @@ from .whisper_features import (
 )
 
 __all__ = [
+    "EncodedWindows",
     "chunk_features",
     "feature_rows",
     "mel_ceiling",

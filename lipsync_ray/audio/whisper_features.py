@@ -143,14 +143,19 @@ def _window_weights(k: int, count: int, mode: AudioMode) -> torch.Tensor:
     return w
 
 
+EncodedWindows = dict[int, tuple[torch.Tensor, int]]  # a clip's encoded 30 s windows by index: states, valid rows
+
+
 def feature_rows(
     encoder: WhisperFeatureEncoder, waveform, rows: range | None = None, mode: AudioMode = "seamless",
-    ceiling: float | None = None,
+    ceiling: float | None = None, cache: EncodedWindows | None = None,
 ) -> torch.Tensor:
     """Whisper hidden states at 50 rows/s for `rows` of the clip (default all): (len(rows), layers + 1, C).
 
     Only the windows overlapping `rows` are encoded (in one batch), so a chunk gets exactly the rows that the
     whole clip would give it, given the clip's `ceiling` (computed here when not passed).
+    `cache` (one per clip, mode and ceiling) keeps the windows this call used, and windows found in it are not
+    encoded again: a 30 s window covers a dozen chunks, which a worker preparing them in order then encodes once.
     """
     audio = _as_audio(waveform)
     total_mel = audio.numel() // HOP
@@ -162,11 +167,17 @@ def feature_rows(
         ceiling = mel_ceiling(audio, encoder.dims.n_mels)
     starts = _window_starts(total_mel, mode)
     needed = [k for k, s in enumerate(starts) if s // 2 < rows.stop and (s + WINDOW_MEL) // 2 > rows.start]
-    mels = [log_mel(audio, encoder.dims.n_mels, range(starts[k], min(starts[k] + WINDOW_MEL, total_mel)), ceiling) for k in needed]
-    states, valid = _encode_windows(encoder, mels)
-    acc = torch.zeros(len(rows), *states.shape[2:])
+    cache = {} if cache is None else cache
+    fresh = [k for k in needed if k not in cache]
+    if fresh:
+        mels = [log_mel(audio, encoder.dims.n_mels, range(starts[k], min(starts[k] + WINDOW_MEL, total_mel)), ceiling) for k in fresh]
+        cache.update(zip(fresh, zip(*_encode_windows(encoder, mels))))
+    for k in [k for k in cache if k not in needed]:
+        del cache[k]
+    acc = torch.zeros(len(rows), *cache[needed[0]][0].shape[1:])
     weight_sum = torch.zeros(len(rows))
-    for k, st, v in zip(needed, states, valid):
+    for k in needed:
+        st, v = cache[k]
         a = starts[k] // 2
         lo, hi = max(a, rows.start), min(a + v, rows.stop)
         if mode == "upstream":  # hard windows: each row belongs to exactly one window
@@ -218,11 +229,12 @@ def frame_features(features: torch.Tensor, frames: torch.Tensor | range | list[i
 
 
 def chunk_features(
-    encoder: WhisperFeatureEncoder, waveform, frames: range, mode: AudioMode = "seamless", ceiling: float | None = None
+    encoder: WhisperFeatureEncoder, waveform, frames: range, mode: AudioMode = "seamless", ceiling: float | None = None,
+    cache: EncodedWindows | None = None,
 ) -> torch.Tensor:
     """Per-frame conditioning for a run of 25 fps frames, encoding only the rows those frames use: equal to
-    `frame_features(feature_array(...), frames)` given the clip's `ceiling`."""
+    `frame_features(feature_array(...), frames)` given the clip's `ceiling` (`cache`: see `feature_rows`)."""
     total_rows = _as_audio(waveform).numel() // HOP // 2
     idx = frame_indices(frames.stop, total_rows)[frames.start :]
     rows = range(int(idx.min()), int(idx.max()) + 1)
-    return _flatten(feature_rows(encoder, waveform, rows, mode, ceiling)[idx - rows.start])
+    return _flatten(feature_rows(encoder, waveform, rows, mode, ceiling, cache)[idx - rows.start])
