@@ -17,7 +17,7 @@ import time
 import torch
 
 from lipsync_ray.config import LipSyncConfig
-from lipsync_ray.stages import Prepare, plan_video, split
+from lipsync_ray.stages import Prepare, chunk_parts, plan_video
 
 
 def main() -> None:
@@ -33,15 +33,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed passes over the video, after one warm-up pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = LipSyncConfig(
-        model=args.model, detector=args.detector, windows_per_chunk=args.windows_per_chunk,
-        window_overlap=args.overlap, prepare_workers=args.workers,
-    )
+    cfg = LipSyncConfig(model=args.model, detector=args.detector, windows_per_chunk=args.windows_per_chunk, window_overlap=args.overlap)
     stages = [Prepare(cfg) for _ in range(args.workers)]
     for stage in stages:
         stage.setup()
     plan = plan_video(args.video, args.audio, cfg)
-    parts = [frames for c in plan.chunks for frames in split(c, args.workers if c.index == 0 else 1)]
+    parts = [frames for chunk in chunk_parts(plan, args.workers) for frames in chunk]
     frames, seconds = [0] * args.workers, [0.0] * args.workers
     for rnd in range(args.rounds + 1):
         for k, part in enumerate(parts):

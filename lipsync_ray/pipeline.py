@@ -23,7 +23,8 @@ import torch
 from .ahead import ahead
 from .config import LipSyncConfig
 from .stages import (
-    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, kept, lower_priority, plan_video, split,
+    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, chunk_parts, kept, lower_priority,
+    plan_video,
 )
 
 @dataclass
@@ -126,9 +127,7 @@ class LipSyncPipeline:
         depth = self.cfg.prepare_workers + 1 if self.workers else 2  # parts prepared ahead
 
         def prepared_chunks():
-            """The first chunk is split across the Prepare workers: the GPU waits for it alone. Later chunks are
-            prepared whole (fewer warm-up frames) while the GPU works on earlier ones."""
-            parts = [split(c, self.cfg.prepare_workers if self.workers and c.index == 0 else 1) for c in plan.chunks]
+            parts = chunk_parts(plan, self.cfg.prepare_workers if self.workers else 1)
             done = ahead(partial(self.prepare, plan), [frames for p in parts for frames in p], depth, self.workers)
             try:
                 for chunk, p in zip(plan.chunks, parts):

@@ -115,7 +115,7 @@ class Prepare:
         self.whisper = load_whisper(preset, self.cfg.checkpoints)
         self._clips = threading.local()  # per calling thread (Serve may call from several): its last clip
 
-    def _clip(self, plan: VideoPlan) -> "_OpenClip":
+    def _clip(self, plan: VideoPlan) -> _OpenClip:
         """The open inputs of `plan`'s clip, kept from the last call on this thread when it was the same clip."""
         clip: _OpenClip | None = getattr(self._clips, "clip", None)
         if clip is None or (clip.video, clip.audio, clip.ceiling) != (plan.video, plan.audio, plan.ceiling):
@@ -191,6 +191,12 @@ def split(chunk: Chunk, parts: int) -> list[range]:
     parts = max(1, min(parts, n // ALIGN_GROUP))
     bounds = [chunk.start + n * k // parts for k in range(parts + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def chunk_parts(plan: VideoPlan, workers: int) -> list[list[range]]:
+    """Each chunk's parts for `workers` Prepare workers: the first chunk is split across them, as the GPU waits for
+    it alone; later chunks are prepared whole (fewer warm-up frames) while the GPU works on earlier ones."""
+    return [split(c, workers if c.index == 0 else 1) for c in plan.chunks]
 
 
 def assemble(chunk: Chunk, parts: list[PreparedPart]) -> PreparedChunk:

@@ -171,7 +171,8 @@ def feature_rows(
     fresh = [k for k in needed if k not in cache]
     if fresh:
         mels = [log_mel(audio, encoder.dims.n_mels, range(starts[k], min(starts[k] + WINDOW_MEL, total_mel)), ceiling) for k in fresh]
-        cache.update(zip(fresh, zip(*_encode_windows(encoder, mels))))
+        states, valid = _encode_windows(encoder, mels)
+        cache.update(zip(fresh, zip(states, valid)))
     for k in [k for k in cache if k not in needed]:
         del cache[k]
     acc = torch.zeros(len(rows), *cache[needed[0]][0].shape[1:])

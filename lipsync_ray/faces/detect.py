@@ -149,9 +149,9 @@ class OfflineDetector:
             return frame
         return cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
-    def _mesh_points(self, frame: np.ndarray, roi, indices: list[int]) -> np.ndarray | None:
-        """The face mesh's points `indices` (N, 2) in frame pixels, the model run on the (rotated) ROI's bounding
-        box only. Converting all 468 landmark objects cost more than the three points need."""
+    def _mesh_means(self, frame: np.ndarray, roi, groups: list[list[int]]) -> np.ndarray | None:
+        """The mean of each group of face-mesh points (len(groups), 2) in frame pixels, the model run on the
+        (rotated) ROI's bounding box only. Only the groups' landmarks are converted: all 468 cost more."""
         h, w = frame.shape[:2]
         corners = np.asarray(roi.scaled((w, h)).points(), dtype=np.float64)  # a list when rotation == 0
         x0, y0 = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, None)
@@ -164,7 +164,9 @@ class OfflineDetector:
             roi.rotation, normalized=True,
         )
         mesh = self._mesh(np.ascontiguousarray(frame[y0:y1, x0:x1]), local)
-        return np.array([[mesh[i].x * cw + x0, mesh[i].y * ch + y0] for i in indices]) if mesh else None
+        if not mesh:
+            return None
+        return np.stack([np.array([[mesh[i].x * cw + x0, mesh[i].y * ch + y0] for i in group]).mean(0) for group in groups])
 
     def detect(self, frame: np.ndarray) -> list[Face]:
         h, w = frame.shape[:2]
@@ -172,10 +174,9 @@ class OfflineDetector:
         for det in self._detect(self._shrunk(frame)):  # normalised coordinates: the same on the full frame
             if det.score < self.min_score:
                 continue
-            pts = self._mesh_points(frame, self._roi(det, (w, h)), MESH_BROW_IMAGE_LEFT + MESH_BROW_IMAGE_RIGHT + MESH_NOSE)
-            if pts is None:
+            three = self._mesh_means(frame, self._roi(det, (w, h)), [MESH_BROW_IMAGE_LEFT, MESH_BROW_IMAGE_RIGHT, MESH_NOSE])
+            if three is None:
                 continue
-            three = np.stack([pts[:4].mean(0), pts[4:8].mean(0), pts[8:].mean(0)])
             b = det.bbox
             faces.append(Face(np.array([b.xmin * w, b.ymin * h, b.xmax * w, b.ymax * h]), float(det.score), three))
         return _largest_first(faces)
