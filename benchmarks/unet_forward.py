@@ -66,8 +66,8 @@ def kind(kernel: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, kernel, re.I)), "other elementwise")
 
 
-def profile(model, sample, ehs, forwards: int = 3) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """GPU milliseconds per forward by kernel kind, and the 10 costliest kernels."""
+def profile(model, sample, ehs, top: int, forwards: int = 3) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """GPU milliseconds per forward by kernel kind, and the `top` costliest kernels (ms and calls per forward)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -76,16 +76,18 @@ def profile(model, sample, ehs, forwards: int = 3) -> tuple[dict[str, float], li
         for _ in range(forwards):
             model(sample, t, ehs)
         torch.cuda.synchronize()
-    per_kernel: dict[str, float] = {}
+    per_kernel: dict[str, tuple[float, float]] = {}
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.self_device_time_total / 1000 / forwards
+            ms, calls = per_kernel.get(event.key, (0.0, 0.0))
+            per_kernel[event.key] = (ms + event.self_device_time_total / 1000 / forwards, calls + event.count / forwards)
     if not per_kernel:
         raise RuntimeError("the profiler recorded no GPU kernels")
     kinds: dict[str, float] = {}
-    for name, ms in per_kernel.items():
+    for name, (ms, _) in per_kernel.items():
         kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
-    return kinds, sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return kinds, [(name, ms, calls) for name, (ms, calls) in ranked]
 
 
 def attention_shapes(cfg: dict, res: int, windows: int) -> list[tuple[str, int, tuple, tuple]]:
@@ -190,6 +192,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[1], help="16-frame windows per call (x2 for guidance)")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], choices=[256, 512])
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind, per variant (fp16)")
+    ap.add_argument("--top", type=int, default=10, help="kernels listed per profile")
     ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
     ap.add_argument("--frame-kernel-sweep", action="store_true", help="the frame-attention kernel's block sizes")
     args = ap.parse_args()
@@ -227,7 +230,7 @@ def main() -> None:
                         rows.append((res, n, str(dtype).removeprefix("torch."), name, ms, tflops, n * UPSTREAM_MS[res] / ms, peak))
                         print(*rows[-1], flush=True)
                         if args.profile and dtype == torch.float16:
-                            profiles.append((f"{name} {res} px, {n} window(s)", ms, *profile(m, sample, ehs)))
+                            profiles.append((f"{name} {res} px, {n} window(s)", ms, *profile(m, sample, ehs, args.top)))
     print(f"\nU-Net forward, batch 2 x 16 frames per window (median of {args.iters})")
     print(f"{'res':>4} {'windows':>7} {'dtype':>9} {'mode':>10} {'ms':>8} {'TFLOP/s':>8} {'vs upstream':>11} {'peak GiB':>9}")
     for r in rows:
@@ -236,8 +239,8 @@ def main() -> None:
         print(f"\nGPU time per forward, {title} (wall {ms:.1f} ms; kernels sum {sum(kinds.values()):.1f} ms)")
         for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f"  {k:<18} {v:8.2f} ms  {v / ms:5.1%}")
-        for name, v in top:
-            print(f"    {v:7.2f} ms  {name[:110]}")
+        for name, v, calls in top:
+            print(f"    {v:7.2f} ms {calls:5.0f}x  {name[:110]}")
     print("\nPrecision on the contract's reduced U-Net, against upstream's fp32 output")
     print(f"{'dtype':>9} {'max abs':>10} {'mean abs':>10} {'rel L2':>10}")
     for r in precision_rows():
