@@ -1,10 +1,13 @@
 """The bulk job: a catalog of videos through Ray Data, the same stages as `lipsync-ray run`.
 
-    catalog rows --plan (tasks)--> chunk rows --Prepare (CPU actor pool)--> face crops + audio tokens
-        --Generate (GPU actor pool, CPU when the job has no GPU)--> generated crops, staged under <output>/.staging
+    catalog rows --plan (tasks)--> runs of a video's chunks --Prepare (CPU actor pool)--> a row per chunk: face crops
+        + audio tokens --Generate (GPU actor pool, CPU when the job has no GPU)--> generated crops, staged under <output>/.staging
         --driver: a video's chunks all staged--> Compose (a CPU task per video): stitch, paste back, encode, upload
 
 Why this shape:
+- A Prepare actor takes a run of consecutive chunks of one video and prepares them in order, so its decoder runs on
+  from one chunk into the next and each 30 s Whisper window is encoded once; chunks handed out one by one would
+  make each actor seek back to a keyframe (with one keyframe: decode from frame 0) and encode again.
 - Only face crops and audio tokens travel through the object store (a 256 px chunk of 100 frames is ~20 MB);
   full frames are decoded again where they are needed, so 1080p video never sits in the object store.
 - Generated chunks are staged as objects keyed by (video, chunk, parameters): a rerun skips finished videos and
@@ -28,7 +31,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +57,9 @@ class BatchConfig(BaseModel):
     generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
     chunks_per_batch: int = Field(
         1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
+    )
+    chunks_per_prepare: int = Field(
+        8, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
     )
     prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
 
@@ -94,8 +100,9 @@ class _Plans:
         return self._plans[key]
 
 
-def plan_chunks(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
-    """flat_map: one catalog row -> one row per chunk (or one row saying why the video cannot be planned)."""
+def plan_runs(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
+    """flat_map: one catalog row -> one row per run of `chunks_per_prepare` chunks [first, stop) (or one row saying
+    why the video cannot be planned)."""
     job = BatchConfig.model_validate_json(job_json)
     row = CatalogRow(**json.loads(record["row"]))
     inputs = storage.InputCache(job.storage_options)
@@ -103,14 +110,16 @@ def plan_chunks(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
         cfg = _video_config(job.pipeline, row.params)
         plan = plan_video(row.video, row.audio, cfg, inputs)
     except (MediaError, ValueError) as err:
-        return [{"row": record["row"], "chunk": -1, "chunks": 0, "error": str(err)}]
+        return [{"row": record["row"], "first": -1, "stop": -1, "chunks": 0, "error": str(err)}]
     finally:
         inputs.close()
-    return [{"row": record["row"], "chunk": c.index, "chunks": len(plan.chunks), "error": ""} for c in plan.chunks]
+    n, step = len(plan.chunks), job.chunks_per_prepare
+    return [{"row": record["row"], "first": a, "stop": min(a + step, n), "chunks": n, "error": ""} for a in range(0, n, step)]
 
 
 class PrepareActor:
-    """Ray Data wrapper of Prepare: decode, detect, align and compute audio tokens for each chunk row."""
+    """Ray Data wrapper of Prepare: decode, detect, align and compute audio tokens for each chunk of a run, yielding
+    a row per chunk as it is ready (so Generate starts on a run's first chunk)."""
 
     def __init__(self, job_json: str):
         lower_priority()  # Generate actors may share the node
@@ -120,26 +129,32 @@ class PrepareActor:
         self.stage.setup()
         self.plans = _Plans(self.inputs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = defaultdict(list)
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
         for record in _rows(batch):
+            first, stop = int(record.pop("first")), int(record.pop("stop"))
+            if record["error"]:
+                yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False))
+                continue
             row = CatalogRow(**json.loads(record["row"]))
-            payload, error, seconds, reused = b"", record["error"], 0.0, False
-            if not error:
-                cfg = _video_config(self.job.pipeline, row.params)
-                url = _chunk_url(_stage_prefix(self.job, row, cfg), int(record["chunk"]))
-                start = time.perf_counter()
-                try:
-                    reused = storage.exists(url, self.job.storage_options)
-                    if not reused:
-                        plan = self.plans.get(row, cfg)
-                        payload = pickle.dumps(self.stage(plan, plan.chunks[int(record["chunk"])], cfg), protocol=5)
-                except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
-                    error = str(err) if isinstance(err, MediaError) else f"chunk {record['chunk']}: {type(err).__name__}: {err}"
-                seconds = time.perf_counter() - start
-            for k, v in dict(record, payload=payload, error=error, prepare_s=seconds, reused=reused).items():
-                out[k].append(v)
-        return out
+            cfg = _video_config(self.job.pipeline, row.params)
+            error = ""
+            for chunk in range(first, stop):
+                # after a failed chunk the video has failed: the run's later chunks only carry the error on
+                result = self._prepare(row, cfg, chunk) if not error else {"payload": b"", "error": error, "prepare_s": 0.0, "reused": False}
+                error = result["error"]
+                yield _batch(dict(record, chunk=chunk, **result))
+
+    def _prepare(self, row: CatalogRow, cfg: LipSyncConfig, chunk: int) -> dict[str, Any]:
+        payload, error, reused = b"", "", False
+        start = time.perf_counter()
+        try:
+            reused = storage.exists(_chunk_url(_stage_prefix(self.job, row, cfg), chunk), self.job.storage_options)
+            if not reused:
+                plan = self.plans.get(row, cfg)
+                payload = pickle.dumps(self.stage(plan, plan.chunks[chunk], cfg), protocol=5)
+        except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
+            error = str(err) if isinstance(err, MediaError) else f"chunk {chunk}: {type(err).__name__}: {err}"
+        return {"payload": payload, "error": error, "prepare_s": time.perf_counter() - start, "reused": reused}
 
 
 class GenerateActor:
@@ -175,6 +190,10 @@ class GenerateActor:
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     keys = list(batch)
     return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+
+
+def _batch(record: dict[str, Any]) -> dict[str, list]:
+    return {k: [v] for k, v in record.items()}
 
 
 def _stage_chunk(item: PreparedChunk, url: str, job: BatchConfig) -> None:
@@ -219,7 +238,7 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
 class _Video:
     row: CatalogRow
     chunks: int = 0
-    seen: int = 0
+    seen: set[int] = field(default_factory=set)  # a retried Prepare call yields its run's chunks again
     faces: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -264,7 +283,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
     job_json = job.model_dump_json()
     gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.flat_map(plan_chunks, fn_kwargs={"job_json": job_json}, num_cpus=0.5)
+    ds = ds.flat_map(plan_runs, fn_kwargs={"job_json": job_json}, num_cpus=0.5)
     ds = ds.map_batches(
         PrepareActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=1, num_cpus=1,
         memory=job.prepare_memory_gb * 2**30,
@@ -300,7 +319,10 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
         if record["chunk"] < 0:
             finish(v, "failed", record["error"])
             continue
-        v.chunks, v.seen = int(record["chunks"]), v.seen + 1
+        if int(record["chunk"]) in v.seen:
+            continue
+        v.chunks = int(record["chunks"])
+        v.seen.add(int(record["chunk"]))
         s = stats[v.row.id]
         s["prepare_s"] += float(record["prepare_s"])
         s["generate_s"] += float(record["generate_s"])
@@ -310,7 +332,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
         if record["error"]:
             v.errors.append(str(record["error"]))
         v.faces += max(int(record["faces"]), 0)
-        if v.seen == v.chunks:
+        if len(v.seen) == v.chunks:
             _video_complete(job, job_json, v, compose, pending, finish, stats)
         if pending:
             collect(0)

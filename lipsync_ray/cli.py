@@ -159,6 +159,7 @@ def batch(
     prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
     generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",
     chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = 1,
+    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = 8,
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
@@ -177,12 +178,13 @@ def batch(
     from .batch import BatchConfig, run_batch
     from .catalog import CatalogError
 
-    job_keys = ("catalog", "output", "gpu", "prepare_actors", "generate_actors", "chunks_per_batch", "storage_options", "address")
+    job_keys = ("catalog", "output", "gpu", "prepare_actors", "generate_actors", "chunks_per_batch", "chunks_per_prepare", "storage_options", "address")
     job_options = {k: options.pop(k) for k in job_keys}
     cfg = make_config(**options)
     try:
         job = BatchConfig(
             catalog=catalog, output=output, pipeline=cfg, gpu=gpu, chunks_per_batch=chunks_per_batch,
+            chunks_per_prepare=chunks_per_prepare,
             prepare_actors=_pair(prepare_actors, "--prepare-actors"), generate_actors=_pair(generate_actors, "--generate-actors"),
             storage_options=json.loads(job_options["storage_options"] or "{}"),
         )

@@ -49,7 +49,8 @@ def bucket(s3_endpoint, tmp_path_factory):
 def _job(**kw):
     return BatchConfig(
         catalog="s3://media/catalog.parquet", output="s3://media/out", pipeline=LipSyncConfig(**PIPELINE),
-        prepare_actors=(2, 2), generate_actors=(2, 2), chunks_per_batch=1, **kw,
+        prepare_actors=(2, 2), generate_actors=(2, 2), chunks_per_batch=1,
+        chunks_per_prepare=2, **kw,  # the long video: several runs of two chunks
     )
 
 
