@@ -175,3 +175,18 @@ def test_real_size_random_presets_have_the_published_architectures():
         assert (preset.vae_config, preset.whisper_config) == ("sd-vae-ft-mse.json", "tiny.json")
     whisper = load_whisper("latentsync-1.5-random")
     assert (whisper.dims.n_audio_state, whisper.dims.n_audio_layer) == (384, 4)
+
+
+def test_wheel_ships_every_config_file():
+    """A non-editable install once lacked scheduler_config.json: each data file under configs/ must match a
+    package-data glob (setuptools globs relative to the package directory)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    setuptools_cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    configs = root / setuptools_cfg["package-dir"]["lipsync_ray.configs"]
+    shipped = {p for pattern in setuptools_cfg["package-data"]["lipsync_ray.configs"] for p in configs.glob(pattern)}
+    data_files = {p for p in configs.rglob("*") if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts}
+    assert data_files, configs
+    assert data_files - shipped == set()
