@@ -154,7 +154,9 @@ def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
     return per_forward * cfg.steps * windows / seconds
 
 
-def ray_job(cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int) -> dict:
+def ray_job(
+    cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int, chunks_per_prepare: int
+) -> dict:
     """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster."""
     import ray
 
@@ -166,16 +168,20 @@ def ray_job(cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, vi
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_gpus=gpus, include_dashboard=False)
     job = BatchConfig(
-        catalog=str(catalog), output=str(out / f"ray-{gpus}"), pipeline=cfg, gpu=True,
+        # a fresh output prefix: the job skips videos already finished under its output
+        catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=True,
         prepare_actors=(prepare_per_gpu * gpus, prepare_per_gpu * gpus), generate_actors=(gpus, gpus),
+        chunks_per_prepare=chunks_per_prepare,
     )
     try:
         with Sampler(gpus) as sampler:
             start = time.perf_counter()
-            rows = run_batch(job)
+            done: list[float] = []
+            rows = run_batch(job, on_video=lambda _: done.append(time.perf_counter() - start))
             seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
+    print(f"ray x{gpus}: videos finished at {', '.join(f'{t:.0f}' for t in done)} s of {seconds:.0f} s", flush=True)
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} videos failed: {failed[0].error}")
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
+    parser.add_argument("--ray-chunks-per-prepare", type=int, nargs="+", default=[8], help="Ray job: consecutive chunks per Prepare call")
     parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--device", default="auto")
@@ -228,17 +235,19 @@ def main() -> None:
                     windows_per_batch=args.windows_per_batch, windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
                 res = cfg.preset().resolution
-                runs = [] if args.no_plain else [("plain", lambda: plain(cfg, args.video, args.audio, out))]
-                for g in args.ray_gpus:
-                    ray_cfg = cfg.model_copy(update={"compile": False})
-                    videos = g * args.ray_videos_per_gpu
-                    runs.append((f"ray x{g}", lambda g=g, n=videos: ray_job(ray_cfg, args.video, args.audio, out, g, n, args.prepare_per_gpu)))
-                for path, fn in runs:
+                runs = [] if args.no_plain else [("plain", str(cfg.prepare_workers), lambda: plain(cfg, args.video, args.audio, out))]
+                ray_cfg = cfg.model_copy(update={"compile": False})
+                for g, run in itertools.product(args.ray_gpus, args.ray_chunks_per_prepare):
+                    job = lambda g=g, n=g * args.ray_videos_per_gpu, run=run: ray_job(  # noqa: E731
+                        ray_cfg, args.video, args.audio, out, g, n, args.prepare_per_gpu, run
+                    )
+                    runs.append((f"ray x{g}", f"{args.prepare_per_gpu * g} x {run} chunks", job))
+                for path, workers, fn in runs:
                     r = fn()
                     tfl = r.get("unet_tflops")
                     print(
                         f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} | {graphs} "
-                        f"| {cfg.prepare_workers if path == 'plain' else ''} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_drain', '')} "
+                        f"| {workers} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_drain', '')} "
                         f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
                         f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} / {_fmt(r.get('gpu_reserved_gib'), '.2f')} "
