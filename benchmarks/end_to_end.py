@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
-    parser.add_argument("--ray-chunks-per-prepare", type=int, nargs="+", default=[8], help="Ray job: consecutive chunks per Prepare call")
+    parser.add_argument("--ray-chunks-per-prepare", type=int, nargs="+", default=[1], help="Ray job: consecutive chunks per Prepare call")
     parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--device", default="auto")

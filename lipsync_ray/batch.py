@@ -59,7 +59,7 @@ class BatchConfig(BaseModel):
         1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
     )
     chunks_per_prepare: int = Field(
-        8, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
+        1, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
     )
     prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
 

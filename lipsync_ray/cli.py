@@ -159,7 +159,7 @@ def batch(
     prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
     generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",
     chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = 1,
-    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = 8,
+    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = 1,
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
