@@ -1,6 +1,8 @@
 import copy
 import json
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,9 +182,6 @@ def test_real_size_random_presets_have_the_published_architectures():
 def test_wheel_ships_every_config_file():
     """A non-editable install once lacked scheduler_config.json: each data file under configs/ must match a
     package-data glob (setuptools globs relative to the package directory)."""
-    import tomllib
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     setuptools_cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     configs = root / setuptools_cfg["package-dir"]["lipsync_ray.configs"]
