@@ -155,9 +155,11 @@ def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
 
 
 def ray_job(
-    cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int, chunks_per_prepare: int
+    cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int, **job_options
 ) -> dict:
-    """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster."""
+    """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster. Besides the whole
+    run's fps, "steady fps" counts only the videos finished after the first, over the time since it finished:
+    the rate once the pipeline is full, without actor start-up and the first video's fill."""
     import ray
 
     from lipsync_ray.batch import BatchConfig, run_batch
@@ -171,7 +173,7 @@ def ray_job(
         # a fresh output prefix: the job skips videos already finished under its output
         catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=True,
         prepare_actors=(prepare_per_gpu * gpus, prepare_per_gpu * gpus), generate_actors=(gpus, gpus),
-        chunks_per_prepare=chunks_per_prepare,
+        **job_options,
     )
     try:
         with Sampler(gpus) as sampler:
@@ -181,11 +183,16 @@ def ray_job(
             seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
-    print(f"ray x{gpus}: videos finished at {', '.join(f'{t:.0f}' for t in done)} s of {seconds:.0f} s", flush=True)
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} videos failed: {failed[0].error}")
     frames = sum(r.frames for r in rows)
+    steady = frames * (len(rows) - 1) / len(rows) / (done[-1] - done[0]) if len(rows) > 1 else None
+    print(
+        f"ray x{gpus} {job_options}: videos finished at {', '.join(f'{t:.0f}' for t in done)} s of {seconds:.0f} s; "
+        f"steady fps {_fmt(steady)}; stage seconds summed over workers: prepare {sum(r.prepare_s for r in rows):.0f}, "
+        f"generate {sum(r.generate_s for r in rows):.0f}, compose {sum(r.compose_s for r in rows):.0f}", flush=True,
+    )
     return {
         "fps": frames / seconds, "frames": frames, "generate_fps": frames / (sum(r.generate_s for r in rows) / gpus),
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
@@ -213,6 +220,7 @@ def main() -> None:
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
     parser.add_argument("--ray-chunks-per-prepare", type=int, nargs="+", default=[1], help="Ray job: consecutive chunks per Prepare call")
+    parser.add_argument("--ray-prefetch", type=int, nargs="+", default=[1], help="Ray job: Generate calls queued at each GPU actor")
     parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--device", default="auto")
@@ -237,11 +245,12 @@ def main() -> None:
                 res = cfg.preset().resolution
                 runs = [] if args.no_plain else [("plain", str(cfg.prepare_workers), lambda: plain(cfg, args.video, args.audio, out))]
                 ray_cfg = cfg.model_copy(update={"compile": False})
-                for g, run in itertools.product(args.ray_gpus, args.ray_chunks_per_prepare):
-                    job = lambda g=g, n=g * args.ray_videos_per_gpu, run=run: ray_job(  # noqa: E731
-                        ray_cfg, args.video, args.audio, out, g, n, args.prepare_per_gpu, run
+                for g, run, prefetch in itertools.product(args.ray_gpus, args.ray_chunks_per_prepare, args.ray_prefetch):
+                    job = lambda g=g, n=g * args.ray_videos_per_gpu, run=run, prefetch=prefetch: ray_job(  # noqa: E731
+                        ray_cfg, args.video, args.audio, out, g, n, args.prepare_per_gpu,
+                        chunks_per_prepare=run, generate_prefetch=prefetch,
                     )
-                    runs.append((f"ray x{g}", f"{args.prepare_per_gpu * g} x {run} chunks", job))
+                    runs.append((f"ray x{g}", f"{args.prepare_per_gpu * g} x {run} chunks, prefetch {prefetch}", job))
                 for path, workers, fn in runs:
                     r = fn()
                     tfl = r.get("unet_tflops")

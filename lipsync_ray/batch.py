@@ -34,38 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
-from .config import LipSyncConfig
+from .config import BatchConfig, LipSyncConfig
 from .media import MediaError
 from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, lower_priority, plan_video
-
-
-class BatchConfig(BaseModel):
-    """The bulk job: where things are, how the actor pools scale, and the pipeline's own config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    catalog: str
-    output: str
-    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
-    gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
-    prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
-    generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
-    chunks_per_batch: int = Field(
-        1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
-    )
-    chunks_per_prepare: int = Field(
-        1, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
-    )
-    prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
-
-    @property
-    def manifest_url(self) -> str:
-        return storage.join(self.output, "manifest.parquet")
 
 
 def _worker() -> str:
@@ -292,7 +266,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=job.chunks_per_batch,
         compute=ActorPoolStrategy(
-            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=1
+            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=job.generate_prefetch
         ),
         **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
     )

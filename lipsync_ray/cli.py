@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .config import BatchConfig
+
 app = typer.Typer(
     help="Lip-sync talking-head video to new audio with LatentSync, on one machine or a Ray cluster.",
     no_args_is_help=True,
@@ -111,6 +113,12 @@ def run(
     _run_one(make_config(**options), video, audio, output)
 
 
+def _job_default(name: str):
+    """A `batch` option's default, from BatchConfig (pairs as MIN,MAX text)."""
+    value = BatchConfig.model_fields[name].default
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
 def _pair(text: str, option: str) -> tuple[int, int]:
     try:
         low, high = (int(x) for x in text.split(","))
@@ -156,10 +164,11 @@ def batch(
     compile: Compile = False,
     cuda_graphs: CudaGraphs = True,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
-    prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = "1,8",
-    generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = "1,4",
-    chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = 1,
-    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = 1,
+    prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = _job_default("prepare_actors"),
+    generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = _job_default("generate_actors"),
+    chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = _job_default("chunks_per_batch"),
+    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = _job_default("chunks_per_prepare"),
+    generate_prefetch: Annotated[int, typer.Option(help="Generate calls queued at each GPU actor.")] = _job_default("generate_prefetch"),
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
@@ -175,16 +184,15 @@ def batch(
     from rich.console import Console
     from rich.table import Table
 
-    from .batch import BatchConfig, run_batch
+    from .batch import run_batch
     from .catalog import CatalogError
 
-    job_keys = ("catalog", "output", "gpu", "prepare_actors", "generate_actors", "chunks_per_batch", "chunks_per_prepare", "storage_options", "address")
-    job_options = {k: options.pop(k) for k in job_keys}
+    job_keys = ("catalog", "output", "gpu", "chunks_per_batch", "chunks_per_prepare", "generate_prefetch")
+    job_options = {k: options.pop(k) for k in (*job_keys, "prepare_actors", "generate_actors", "storage_options", "address")}
     cfg = make_config(**options)
     try:
         job = BatchConfig(
-            catalog=catalog, output=output, pipeline=cfg, gpu=gpu, chunks_per_batch=chunks_per_batch,
-            chunks_per_prepare=chunks_per_prepare,
+            pipeline=cfg, **{k: job_options[k] for k in job_keys},
             prepare_actors=_pair(prepare_actors, "--prepare-actors"), generate_actors=_pair(generate_actors, "--generate-actors"),
             storage_options=json.loads(job_options["storage_options"] or "{}"),
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,3 +62,33 @@ class LipSyncConfig(BaseModel):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class BatchConfig(BaseModel):
+    """The bulk job: where things are, how the actor pools scale, and the pipeline's own config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: str
+    output: str
+    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
+    gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
+    prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
+    generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
+    chunks_per_batch: int = Field(
+        1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
+    )
+    chunks_per_prepare: int = Field(
+        1, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
+    )
+    generate_prefetch: int = Field(
+        1, ge=1, description="Generate calls queued at each GPU actor (more: its next input waits ready; fewer: a finer split of the job's last chunks over the GPUs)"
+    )
+    prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
+
+    @property
+    def manifest_url(self) -> str:
+        from . import storage
+
+        return storage.join(self.output, "manifest.parquet")
