@@ -120,6 +120,7 @@ def test_cli_batch_on_local_files(ray_local, bucket, tmp_path):
     catalog = tmp_path / "catalog.csv"
     catalog.write_text(f"video,audio,seed\n{bucket / 'short.mp4'},{bucket / 'a16.wav'},7\n{bucket / 'nope.mp4'},{bucket / 'a16.wav'},7\n")
     args = ["--model", "tiny-random", "--steps", "1", "--detector", "offline", "--prepare-actors", "1,1", "--generate-actors", "1,1"]
+    args += ["--generate-prefetch", "2"]  # calls queued at the one GPU actor
     result = CliRunner().invoke(app, ["batch", "--catalog", str(catalog), "--output", str(tmp_path / "out"), *args])
     assert result.exit_code == 1, result.output  # one video failed
     assert "2 videos: 1 ok, 0 skipped, 1 failed" in result.output
