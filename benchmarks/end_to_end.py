@@ -4,7 +4,8 @@ Runs the real-size architectures with random weights (`latentsync-1.5-random`, `
 published FLOPs) through the plain pipeline (`lipsync-ray run`) and, with `--ray-gpus`, through the Ray Data job
 on that many GPUs. Prints one table row per run:
 - frames/s end to end, the seconds the GPU stage waits for its first chunk and the seconds after its last one
-  (fill / drain), and each stage's own rate (frames over the seconds its thread was busy; the stages
+  (fill / drain), the seconds it waits between chunks (gaps: for Prepare, or for Compose to take its last
+  result), and each stage's own rate (frames over the seconds its thread was busy; the stages
   overlap, so the slowest stage bounds the end-to-end rate);
 - U-Net TFLOP/s over the Generate stage's time (VAE included, so a lower bound) and its share of `--peak`;
 - GPU busy fraction (NVML's utilisation, sampled every 0.1 s, mean over the run and the GPUs used);
@@ -137,7 +138,7 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
     return {
         "fps": result.fps, "frames": result.frames,
         # the GPU's idle ends: before the first chunk reaches Generate, after the last one leaves it
-        "fill_drain": f"{generate.first - start:.1f} / {end - generate.last:.1f}",
+        "fill_gaps_drain": f"{generate.first - start:.1f} / {generate.last - generate.first - generate.seconds:.1f} / {end - generate.last:.1f}",
         **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
         "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
@@ -230,7 +231,7 @@ def main() -> None:
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
     print("| path | model | res | DeepCache | overlap | windows/chunk | compile | CUDA graphs | prepare workers | frames | e2e fps "
-          "| fill / drain s | prepare fps | generate fps | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
+          "| fill / gaps / drain s | prepare fps | generate fps | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
           "| peak GPU GiB (allocated / reserved) | peak host GiB |")
     print("|" + "---|" * 21, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +257,7 @@ def main() -> None:
                     tfl = r.get("unet_tflops")
                     print(
                         f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} | {graphs} "
-                        f"| {workers} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_drain', '')} "
+                        f"| {workers} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_gaps_drain', '')} "
                         f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
                         f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} / {_fmt(r.get('gpu_reserved_gib'), '.2f')} "
