@@ -122,7 +122,7 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
     with LipSyncPipeline(cfg) as pipeline:
         pipeline.run(video, audio, out / "warmup.mp4")  # model warm-up (and compilation) outside the timing
         # Prepare in worker processes is not timed per stage (its calls run there)
-        names = ("generate", "compose") if cfg.prepare_workers else ("prepare", "generate", "compose")
+        names = ("generate", "compose") if pipeline.workers else ("prepare", "generate", "compose")
         stages = {name: Timed(getattr(pipeline, name)) for name in names}
         for name, timed in stages.items():
             setattr(pipeline, name, timed)
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--windows-per-chunk", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
     parser.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="U-Net steps as CUDA graphs")
-    parser.add_argument("--prepare-workers", type=int, default=0, help="plain pipeline: Prepare in N processes")
+    parser.add_argument("--prepare-workers", type=int, default=None, help="plain pipeline: Prepare in N processes (default: run's)")
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
@@ -244,7 +244,7 @@ def main() -> None:
                     windows_per_batch=args.windows_per_batch, windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
                 res = cfg.preset().resolution
-                runs = [] if args.no_plain else [("plain", str(cfg.prepare_workers), lambda: plain(cfg, args.video, args.audio, out))]
+                runs = [] if args.no_plain else [("plain", str(cfg.resolved_prepare_workers()), lambda: plain(cfg, args.video, args.audio, out))]
                 ray_cfg = cfg.model_copy(update={"compile": False})
                 for g, run, prefetch in itertools.product(args.ray_gpus, args.ray_chunks_per_prepare, args.ray_prefetch):
                     job = lambda g=g, n=g * args.ray_videos_per_gpu, run=run, prefetch=prefetch: ray_job(  # noqa: E731

@@ -33,7 +33,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="GPU: replay the U-Net's steps as CUDA graphs.")]
-PrepareWorkers = Annotated[int, typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread.")]
+PrepareWorkers = Annotated[
+    Optional[int], typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread (default: 2 on a GPU host with 8+ cores, else 0).")
+]
 
 
 def make_config(**options):
@@ -102,7 +104,7 @@ def run(
     windows_per_chunk: WindowsPerChunk = 8,
     compile: Compile = False,
     cuda_graphs: CudaGraphs = True,
-    prepare_workers: PrepareWorkers = 0,
+    prepare_workers: PrepareWorkers = None,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 

@@ -33,7 +33,9 @@ class LipSyncConfig(BaseModel):
     cuda_graphs: bool = Field(
         True, description="GPU: replay the U-Net's steps as CUDA graphs (a video's last U-Net batch is then padded to full)"
     )
-    prepare_workers: int = Field(0, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread)")
+    prepare_workers: int | None = Field(
+        None, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread; default: 2 on a GPU host with 8+ cores, else 0)"
+    )
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
 
@@ -55,6 +57,15 @@ class LipSyncConfig(BaseModel):
 
         per_batch = min(self.windows_per_batch, self.windows_per_chunk)  # a batch never spans chunks
         return DiffusionParams(self.steps, self.guidance, self.seed, self.scheduler, per_batch, self.deepcache)
+
+    def resolved_prepare_workers(self) -> int:
+        """Worker processes keep Prepare's Python off the GIL that the thread launching the GPU's kernels needs;
+        on a CPU, or with few cores, they only compete with the other stages."""
+        if self.prepare_workers is not None:
+            return self.prepare_workers
+        import os
+
+        return 2 if self.resolved_device().startswith("cuda") and (os.cpu_count() or 1) >= 8 else 0
 
     def resolved_device(self) -> str:
         if self.device != "auto":

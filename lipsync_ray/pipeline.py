@@ -1,9 +1,9 @@
 """Run one video in-process: plan, then Prepare -> Generate -> Compose chunk by chunk (the CLI's `run`).
 
 The three stages run at once on different chunks: Prepare works ahead while the GPU generates, and Compose pastes
-and encodes the previous chunk meanwhile. Prepare runs in a thread, or with `prepare_workers=N` in N worker
-processes: its Python-heavy detection then no longer holds the GIL that the thread launching the GPU's kernels
-needs. Lookahead is bounded, so memory stays a few chunks whatever the video's length.
+and encodes the previous chunk meanwhile. Prepare runs in a thread, or with `prepare_workers=N` (by default on GPU
+hosts) in N worker processes: its Python-heavy detection then no longer holds the GIL that the thread launching
+the GPU's kernels needs. Lookahead is bounded, so memory stays a few chunks whatever the video's length.
 """
 
 from __future__ import annotations
@@ -84,15 +84,16 @@ class LipSyncPipeline:
         self.generate, self.compose = Generate(cfg), Compose(cfg, device=cfg.resolved_device())
         self.workers: ProcessPoolExecutor | None = None
         self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)
-        if cfg.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
-            threads = max(1, (os.cpu_count() or 1) // (cfg.prepare_workers + 1))
+        self.prepare_workers = cfg.resolved_prepare_workers()
+        if self.prepare_workers:  # spawned: a forked child would inherit the parent's CUDA state
+            threads = max(1, (os.cpu_count() or 1) // (self.prepare_workers + 1))
             spawn = multiprocessing.get_context("spawn")
-            started = spawn.Barrier(cfg.prepare_workers)
+            started = spawn.Barrier(self.prepare_workers)
             self.workers = ProcessPoolExecutor(
-                cfg.prepare_workers, spawn, _start_worker, (cfg.model_dump_json(), threads, started)
+                self.prepare_workers, spawn, _start_worker, (cfg.model_dump_json(), threads, started)
             )
             try:
-                for check in [self.workers.submit(_wait_for_all_workers) for _ in range(cfg.prepare_workers)]:
+                for check in [self.workers.submit(_wait_for_all_workers) for _ in range(self.prepare_workers)]:
                     check.result()
             except BaseException:
                 self.close()
@@ -124,10 +125,10 @@ class LipSyncPipeline:
         if on_plan:
             on_plan(plan.n_out)
         counts = {"faceless": 0, "faces": 0}
-        depth = self.cfg.prepare_workers + 1 if self.workers else 2  # parts prepared ahead
+        depth = self.prepare_workers + 1 if self.workers else 2  # parts prepared ahead
 
         def prepared_chunks():
-            parts = chunk_parts(plan, self.cfg.prepare_workers if self.workers else 1)
+            parts = chunk_parts(plan, self.prepare_workers or 1)
             done = ahead(partial(self.prepare, plan), [frames for p in parts for frames in p], depth, self.workers)
             try:
                 for chunk, p in zip(plan.chunks, parts):

@@ -114,6 +114,20 @@ def test_every_prepare_worker_is_set_up_before_the_first_video():
         assert len(processes) == 2 and all(p.is_alive() for p in processes)
 
 
+def test_prepare_runs_in_workers_by_default_only_on_gpu_hosts_with_cores(monkeypatch):
+    import os
+
+    from lipsync_ray.config import LipSyncConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 2
+    assert LipSyncConfig(device="cpu").resolved_prepare_workers() == 0
+    assert LipSyncConfig(device="cuda", prepare_workers=0).resolved_prepare_workers() == 0
+    assert LipSyncConfig(device="cpu", prepare_workers=3).resolved_prepare_workers() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 0
+
+
 def test_video_without_any_face(clips, tmp_path):
     blank = tmp_path / "blank.mp4"
     _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=160x120:r=25", "-t", "1", "-c:v", "libx264", str(blank))
