@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,8 +64,6 @@ class LipSyncConfig(BaseModel):
         on a CPU, or with few cores, they only compete with the other stages."""
         if self.prepare_workers is not None:
             return self.prepare_workers
-        import os
-
         return 2 if self.resolved_device().startswith("cuda") and (os.cpu_count() or 1) >= 8 else 0
 
     def resolved_device(self) -> str:
