@@ -137,7 +137,7 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
     windows = sum(len(c.windows) for c in chunks(result.frames, cfg.windows_per_chunk, overlap=cfg.window_overlap))
     return {
         "fps": result.fps, "frames": result.frames,
-        # the GPU's idle ends: before the first chunk reaches Generate, after the last one leaves it
+        # the GPU stage's idle time: before the first chunk reaches Generate, between chunks, after the last one leaves it
         "fill_gaps_drain": f"{generate.first - start:.1f} / {generate.last - generate.first - generate.seconds:.1f} / {end - generate.last:.1f}",
         **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
         "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
