@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p /tmp/gpu-site /tmp/gpu-bin
-if [ -f .gpu/a/ffmpeg.tar.xz ]; then tar -C /tmp/gpu-bin -xJf .gpu/a/ffmpeg.tar.xz && chmod +x /tmp/gpu-bin/ff*; fi
+if [ -f .gpu/a/ffmpeg.tar.xz ]; then tar -C /tmp/gpu-bin -xJf .gpu/a/ffmpeg.tar.xz; fi
 if compgen -G ".gpu/a/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu-site .gpu/a/*.whl 2>&1 \
     | grep -v -i warning || true
