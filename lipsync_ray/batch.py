@@ -39,7 +39,7 @@ from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import BatchConfig, LipSyncConfig
 from .media import MediaError
-from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, lower_priority, plan_video
+from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video
 
 
 def _worker() -> str:
@@ -208,6 +208,12 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
         inputs.close()
 
 
+def compose_task(job_json: str, row_json: str) -> dict[str, Any]:
+    """`compose_video` as the Ray job runs it: below the Generate actors' CPU priority, since they may share the
+    node (a GPU actor waiting for a core leaves its GPU idle; a video's Compose can wait)."""
+    return at_lower_priority(compose_video, job_json, row_json)
+
+
 @dataclass
 class _Video:
     row: CatalogRow
@@ -263,14 +269,17 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
         memory=job.prepare_memory_gb * 2**30,
         compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),
     )
+    prefetch = job.generate_prefetch
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=job.chunks_per_batch,
+        # the calls at an actor run in threads; `LipSyncDiffusion.generate` lets one at a time on the GPU
         compute=ActorPoolStrategy(
-            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=job.generate_prefetch
+            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
+            max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
         **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
     )
-    compose = ray.remote(num_cpus=1, max_retries=3)(compose_video)
+    compose = ray.remote(num_cpus=1, max_retries=3)(compose_task)
     pending: dict[Any, _Video] = {}
     stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"prepare_s": 0.0, "generate_s": 0.0, "reused": 0, "workers": set()})
 

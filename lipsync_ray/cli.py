@@ -170,7 +170,7 @@ def batch(
     generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = _job_default("generate_actors"),
     chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = _job_default("chunks_per_batch"),
     chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = _job_default("chunks_per_prepare"),
-    generate_prefetch: Annotated[int, typer.Option(help="Generate calls queued at each GPU actor.")] = _job_default("generate_prefetch"),
+    generate_prefetch: Annotated[int, typer.Option(help="Generate calls at each GPU actor at once (one on the GPU, the others unpickling or staging).")] = _job_default("generate_prefetch"),
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:

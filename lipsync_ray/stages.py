@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from .storage import InputCache
 ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
 PASTE_GROUP = 16  # frames pasted back together by Compose
 PREPARE_NICE = 5  # how much lower the CPU priority of Prepare's worker processes is than the GPU stage's
+
+T = TypeVar("T")
 
 
 class NoFaceError(MediaError):
@@ -211,8 +214,16 @@ def assemble(chunk: Chunk, parts: list[PreparedPart]) -> PreparedChunk:
 
 def lower_priority() -> None:
     """Let this process (a Prepare worker) yield the CPU to the GPU stage: Prepare works ahead and can wait, but a
-    thread that launches the GPU's kernels and waits for a core leaves the GPU idle. Threads started later inherit it."""
+    thread that launches the GPU's kernels and waits for a core leaves the GPU idle. On Linux this lowers the calling
+    thread, and the threads and processes it starts later inherit it."""
     os.nice(PREPARE_NICE)
+
+
+def at_lower_priority(fn: Callable[..., T], *args) -> T:
+    """fn(*args) in a thread of its own at `lower_priority`, so the calling process (a pooled Ray worker, which
+    could not raise its priority again) keeps its own for later work."""
+    with ThreadPoolExecutor(1, initializer=lower_priority) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _fill_gaps(crops: np.ndarray, flags: np.ndarray) -> None:

@@ -1,5 +1,6 @@
 """End to end on real media cuts with tiny-random, through the CLI."""
 
+import os
 import subprocess
 
 import numpy as np
@@ -126,6 +127,16 @@ def test_prepare_runs_in_workers_by_default_only_on_gpu_hosts_with_cores(monkeyp
     assert LipSyncConfig(device="cpu", prepare_workers=3).resolved_prepare_workers() == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 0
+
+
+def test_lower_priority_work_runs_in_its_own_thread_and_leaves_the_caller_as_it_was():
+    from lipsync_ray.stages import PREPARE_NICE, at_lower_priority
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)  # Linux: the calling thread's niceness
+    assert at_lower_priority(os.getpriority, os.PRIO_PROCESS, 0) == min(mine + PREPARE_NICE, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+    with pytest.raises(ZeroDivisionError):  # errors reach the caller
+        at_lower_priority(divmod, 1, 0)
 
 
 def test_video_without_any_face(clips, tmp_path):
