@@ -28,6 +28,7 @@ import os
 import pickle
 import socket
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,8 @@ class GenerateActor:
         self.stage = Generate(self.job.pipeline)
         self.stage.setup()
         self.worker = _worker()
+        # with `generate_prefetch` > 1 calls run in threads: one at a time in the stage, the others unpickling or staging
+        self.gpu = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = defaultdict(list)
@@ -148,14 +151,16 @@ class GenerateActor:
             if payload and not error:
                 row = CatalogRow(**json.loads(record["row"]))
                 cfg = _video_config(self.job.pipeline, row.params)
-                start = time.perf_counter()
                 try:
-                    item: PreparedChunk = self.stage(pickle.loads(payload), cfg)
+                    prepared = pickle.loads(payload)
+                    with self.gpu:
+                        start = time.perf_counter()
+                        item: PreparedChunk = self.stage(prepared, cfg)
+                        seconds = time.perf_counter() - start  # the stage's own time, as the manifest reports it
                     faces = int(item.flags.sum())
                     _stage_chunk(item, _chunk_url(_stage_prefix(self.job, row, cfg), item.chunk.index), self.job)
                 except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
                     error = f"chunk {record['chunk']}: {type(err).__name__}: {err}"
-                seconds = time.perf_counter() - start
             for k, v in dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker).items():
                 out[k].append(v)
         return out
