@@ -277,7 +277,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
     prefetch = job.generate_prefetch
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=job.chunks_per_batch,
-        # the calls at an actor run in threads; `LipSyncDiffusion.generate` lets one at a time on the GPU
+        # the calls at an actor run in threads; its lock lets one at a time into the stage
         compute=ActorPoolStrategy(
             min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
