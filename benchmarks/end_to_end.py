@@ -169,7 +169,9 @@ def ray_job(
     catalog.write_text("".join(json.dumps({"id": f"v{i}", "video": video, "audio": audio}) + "\n" for i in range(videos)))
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_gpus=gpus, include_dashboard=False)
+    # enough logical CPUs for every actor plus the planning and Compose tasks: fewer (a small CPU host) hang the job
+    cpus = max(os.cpu_count() or 1, (prepare_per_gpu + 1) * gpus + 2)
+    ray.init(address="local", num_gpus=gpus, num_cpus=cpus, include_dashboard=False)
     job = BatchConfig(
         # a fresh output prefix: the job skips videos already finished under its output
         catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=True,
