@@ -116,8 +116,6 @@ def test_every_prepare_worker_is_set_up_before_the_first_video():
 
 
 def test_prepare_runs_in_workers_by_default_only_on_gpu_hosts_with_cores(monkeypatch):
-    import os
-
     from lipsync_ray.config import LipSyncConfig
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
