@@ -12,7 +12,11 @@ fi
 if [ -f .gpu/b/site.tar.xz ]; then
   tar -C /tmp/gpu-site -xJf .gpu/b/site.tar.xz && cp .gpu/b/demo1_* /tmp/ && mkdir -p tests/data && cp .gpu/b/*.pt tests/data/
 fi
-if [ -f .gpu/c/install.sh ]; then bash .gpu/c/install.sh >/dev/null; fi
+if [ -f .gpu/c/install.sh ]; then
+  bash .gpu/c/install.sh >/dev/null
+  # the packer unzips Ray's wheel, which drops the executable bits of its binaries (gcs_server, raylet)
+  find /tmp/gpu-site/ray/core -type f ! -name "*.py" -exec chmod +x {} +
+fi
 # the package runs from the checkout, whose configs/ ships as lipsync_ray.configs when installed
 cat > /tmp/gpu-env.sh <<EOF
 export PATH=/tmp/gpu-bin:\$PATH PYTHONPATH=/tmp/gpu-site:$PWD PYTHONUNBUFFERED=1
