@@ -7,12 +7,10 @@ Upstream on one H100 (shared/perf): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16)
 GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fused, copies) and the top kernels;
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
 to a multiple of 64, as explicit matmuls and softmax compiled by Inductor, and (temporal shapes) our Triton kernel.
-`--geglu-sweep` times the feed-forwards' GEGLU projection on the shapes one forward gives it: the U-Net's two cuBLAS
-GEMMs and elementwise GEGLU against one Triton kernel (a GEMM pair with the GEGLU in its epilogue) at each tile
-size, then the whole U-Net both ways with the best tiles. `--cudnn-benchmark` adds eager rows with cuDNN's convolution algorithms chosen by timing, not heuristics.
+`--cudnn-benchmark` adds eager rows with cuDNN's convolution algorithms chosen by timing, not heuristics.
 
     python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
-        [--frame-kernel-sweep] [--geglu-sweep] [--cudnn-benchmark]
+        [--frame-kernel-sweep] [--cudnn-benchmark]
 """
 
 from __future__ import annotations
@@ -24,15 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
-from lipsync_ray.models import UNet3DConditionModel, fused
+from lipsync_ray.models import UNet3DConditionModel
 from lipsync_ray.models import frame_attention as frame_kernel
-from lipsync_ray.models.blocks import FeedForward
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
@@ -63,7 +58,7 @@ KINDS = [  # kernel-name patterns, first match wins
     ("copy / layout", r"nhwc_?to_?nchw|nchw_?to_?nhwc|copy|transpose|permute|cat_|contiguous"),
     ("attention", r"flash|fmha|attention|softmax"),
     ("convolution", r"conv|fprop|dgrad|implicit|winograd|cudnn"),
-    ("GEMM", r"gemm|cutlass|nvjet|xmma|matmul|geglu_linear|sm\d+_"),
+    ("GEMM", r"gemm|cutlass|nvjet|xmma|matmul|sm\d+_"),
     ("normalisation", r"norm|welford|moments"),
 ]
 
@@ -190,122 +185,6 @@ def attention_table(cfg: dict, res: int, windows: int) -> None:
     print(f"{'total':>12} {'':>5} " + " ".join(f"{'n/a':>9}" if t is None else f"{t:9.2f}" for t in totals.values()))
 
 
-GEGLU_CONFIGS = [  # (rows, product columns, reduction) per tile, warps, stages
-    ((128, 128, 64), 8, 3), ((128, 128, 64), 8, 4), ((128, 128, 64), 4, 3), ((128, 128, 32), 8, 4),
-    ((128, 64, 64), 4, 4), ((64, 128, 64), 4, 4), ((256, 64, 64), 8, 3), ((64, 64, 64), 4, 4), ((128, 256, 64), 8, 3),
-]
-geglu_config = GEGLU_CONFIGS[0]
-
-
-def cublas_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The U-Net's path (`blocks.FeedForward`): cuBLAS GEMMs for the value and the gate, then `fused.geglu`."""
-    value_w, gate_w = weight.chunk(2)
-    value_b, gate_b = bias.chunk(2)
-    return fused.geglu(F.linear(x, value_w, value_b), F.linear(x, gate_w, gate_b))
-
-
-def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The candidate: value * GELU(gate) of `x @ weight.T + bias` (value and gate its halves) in one Triton kernel,
-    both halves accumulated from the same loads of x and only the product written (`geglu_config`'s tiles)."""
-    k, n = x.shape[-1], weight.shape[0] // 2
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    (block_m, block_n, block_k), warps, stages = geglu_config
-    grid = (triton.cdiv(rows.shape[0], block_m) * triton.cdiv(n, block_n),)
-    _geglu_linear_kernel[grid](
-        rows, weight.contiguous(), bias, out, rows.shape[0], n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=8, num_warps=warps, num_stages=stages,
-    )
-    return out
-
-
-@triton.jit
-def _geglu_linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # programs in groups of GROUP_M row tiles sweep the columns together, so their rows of x stay in L2
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-    tile_n = (pid % (GROUP_M * tiles_n)) // group_m
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_mask, n_mask = rm < M, rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
-    value_cols = w_ptr + rn.to(tl.int64)[None, :] * K  # weight rows [0, N): the value; [N, 2N): the gate
-    gate_cols = value_cols + N * K
-    value = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_mask = k + rk < K
-        a = tl.load(x_rows + (k + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        value = tl.dot(a, tl.load(value_cols + (k + rk)[:, None], mask=w_mask, other=0.0), value)
-        gate = tl.dot(a, tl.load(gate_cols + (k + rk)[:, None], mask=w_mask, other=0.0), gate)
-    value += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    gate += tl.load(b_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = value * 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    at = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-@contextlib.contextmanager
-def feed_forward_as(projection):
-    """Every FeedForward computes its GEGLU projection with `projection(x, weight, bias)` meanwhile."""
-    forward = FeedForward.forward
-    FeedForward.forward = lambda self, x: self.net[2](projection(x, self.net[0].proj.weight, self.net[0].proj.bias))
-    try:
-        yield
-    finally:
-        FeedForward.forward = forward
-
-
-def geglu_sweep(model, samples: dict[int, tuple[torch.Tensor, torch.Tensor]], iters: int) -> None:
-    """Microseconds per forward of the GEGLU projections (summed over one forward's calls, by shape), the U-Net's
-    cuBLAS + elementwise path against the one-kernel candidate at each config; then the whole U-Net both ways, the
-    candidate at its best config."""
-    global geglu_config
-    t = torch.tensor(951, device="cuda")
-    totals: dict[str, float] = {}
-    for res, (sample, ehs) in samples.items():
-        seen: dict[tuple[int, int, int], int] = {}
-        hooks = [m.register_forward_pre_hook(lambda m, args: seen.__setitem__(
-            key := (args[0].numel() // args[0].shape[-1], args[0].shape[-1], m.net[0].proj.weight.shape[0] // 2),
-            seen.get(key, 0) + 1)) for m in model.modules() if isinstance(m, FeedForward)]
-        model(sample, t, ehs)
-        for h in hooks:
-            h.remove()
-        print(f"\nGEGLU projection, {res} px: us per forward (calls x us per call) by (rows, channels, inner)")
-        print(f"{'shape':>22} {'calls':>5} {'cuBLAS':>8} " + " ".join(f"{'x'.join(map(str, c[0]))}/{c[1]}/{c[2]:>1}".rjust(14) for c in GEGLU_CONFIGS))
-        for (m, k, n), calls in seen.items():
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            weight = torch.randn(2 * n, k, device="cuda", dtype=torch.float16) / k**0.5
-            bias = torch.randn(2 * n, device="cuda", dtype=torch.float16)
-            cells = [calls * 1000 * median_ms(lambda: cublas_geglu(x, weight, bias), iters)]
-            totals["cuBLAS"] = totals.get("cuBLAS", 0.0) + cells[0]
-            for config in GEGLU_CONFIGS:
-                geglu_config = config
-                try:
-                    us = calls * 1000 * median_ms(lambda: geglu_linear(x, weight, bias), iters)
-                except Exception:  # Triton: out of shared memory or registers
-                    us = float("inf")
-                cells.append(us)
-                totals[str(config)] = totals.get(str(config), 0.0) + us
-            print(f"{str((m, k, n)):>22} {calls:>5} " + " ".join(f"{c:>8.0f}" if i == 0 else f"{c:>14.0f}" for i, c in enumerate(cells)), flush=True)
-    best = min(GEGLU_CONFIGS, key=lambda c: totals[str(c)])
-    print(f"total: cuBLAS + elementwise {totals['cuBLAS']:.0f} us, fused at best {best} {totals[str(best)]:.0f} us")
-    geglu_config = best
-    for res, (sample, ehs) in samples.items():
-        before = median_ms(lambda: model(sample, t, ehs), iters)
-        with feed_forward_as(geglu_linear):
-            after = median_ms(lambda: model(sample, t, ehs), iters)
-        print(f"U-Net {res} px, {sample.shape[0] // 2} window(s): {before:.1f} ms with cuBLAS + elementwise GEGLU, {after:.1f} one kernel")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
@@ -317,7 +196,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10, help="kernels listed per profile")
     ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
     ap.add_argument("--frame-kernel-sweep", action="store_true", help="the frame-attention kernel's block sizes")
-    ap.add_argument("--geglu-sweep", action="store_true", help="the fused GEGLU projection's tiles, and against cuBLAS")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time eager with cuDNN's benchmark mode (fp16)")
     args = ap.parse_args()
     cfg = yaml.safe_load((ROOT / "configs/unet/stage2.yaml").read_text())["model"]
@@ -357,15 +235,6 @@ def main() -> None:
                         print(*rows[-1], flush=True)
                         if args.profile and dtype == torch.float16:
                             profiles.append((f"{name} {res} px, {n} window(s)", ms, *profile(m, sample, ehs, args.top)))
-        if args.geglu_sweep:
-            torch.backends.cudnn.benchmark = False
-            n = max(args.windows)
-            samples = {
-                res: (torch.randn(2 * n, 13, 16, res // 8, res // 8, device="cuda", dtype=torch.float16),
-                      torch.randn(32 * n, 50, 384, device="cuda", dtype=torch.float16))
-                for res in args.resolutions
-            }
-            geglu_sweep(base.to(dtype=torch.float16), samples, args.iters)
     print(f"\nU-Net forward, batch 2 x 16 frames per window (median of {args.iters})")
     print(f"{'res':>4} {'windows':>7} {'dtype':>9} {'mode':>10} {'ms':>8} {'TFLOP/s':>8} {'vs upstream':>11} {'peak GiB':>9}")
     for r in rows:
