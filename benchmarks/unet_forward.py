@@ -8,9 +8,14 @@ GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fus
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
 to a multiple of 64, as explicit matmuls and softmax compiled by Inductor, and (temporal shapes) our Triton kernel.
 `--cudnn-benchmark` adds eager rows with cuDNN's convolution algorithms chosen by timing, not heuristics.
+`--graphs` adds rows with the forward replayed as a CUDA graph, as the pipeline runs it (`UNet.graph_steps`).
+`--fp8-gemms` times every matrix product of one forward (the linear layers' GEMMs, not convolutions or attention)
+in fp16 and as FP8 (e4m3, one scale per row of each operand, inputs quantized beforehand): what FP8 GEMMs could
+save at most, with their error against fp32. `--linear-sweep` times the linear layers' GEMMs (M >= 8192) on our
+Triton kernel (`fused.linear`) at each tile size against cuBLAS, then adds eager rows with the winners.
 
     python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
-        [--frame-kernel-sweep] [--cudnn-benchmark]
+        [--frame-kernel-sweep] [--cudnn-benchmark] [--graphs] [--fp8-gemms] [--linear-sweep]
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
+from lipsync_ray.models.unet import CUDAGraphed
 from lipsync_ray.models import frame_attention as frame_kernel
+from lipsync_ray.models import fused
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
@@ -139,6 +146,108 @@ def _as_unet_passes(shape: tuple) -> torch.Tensor:
     return torch.randn(b, n, h * d, device="cuda", dtype=torch.float16).view(b, n, h, d).transpose(1, 2)
 
 
+def gemm_shapes(model, sample, ehs) -> dict[tuple[int, int, int], int]:
+    """(M, K, N) -> calls per forward of every matrix product the forward runs (the linear layers' GEMMs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: dict[tuple[int, int, int], int] = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = args[-2], args[-1]
+                key = (a.shape[0], a.shape[1], b.shape[1])
+                shapes[key] = shapes.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model(sample, torch.tensor(951, device=sample.device), ehs)
+    return shapes
+
+
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (rows, k) as e4m3 with one float32 scale per row."""
+    scale = t.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_gemm_table(model, sample, ehs, title: str) -> None:
+    """ms per forward of each GEMM shape in fp16 and as rowwise-scaled FP8 (accurate and fast accumulation),
+    and the relative L2 error of each against fp32 on random operands."""
+    print(f"\nGEMMs of one forward, {title}: ms per forward (calls x ms per call); error: relative L2 against fp32")
+    print(f"{'M':>8} {'K':>5} {'N':>6} {'calls':>5} {'fp16':>8} {'fp8':>8} {'fp8 fast':>8} {'err fp16':>9} {'err fp8':>9}")
+    totals = [0.0, 0.0, 0.0]
+    for (m, k, n), calls in sorted(gemm_shapes(model, sample, ehs).items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2] * kv[1]):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        x8, xs = _rowwise_fp8(x)
+        w8, ws = _rowwise_fp8(w)
+
+        def fp8(fast: bool) -> torch.Tensor:
+            return torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.reshape(1, n), bias=b, out_dtype=torch.float16, use_fast_accum=fast)
+
+        ref = F.linear(x.float(), w.float(), b.float())
+        err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        ms = [calls * median_ms(lambda: F.linear(x, w, b), 10)]
+        errors = [err(F.linear(x, w, b))]
+        try:
+            ms += [calls * median_ms(lambda: fp8(False), 10), calls * median_ms(lambda: fp8(True), 10)]
+            errors.append(err(fp8(True)))
+        except RuntimeError:  # no FP8 kernel for this shape or GPU: counted at its fp16 time
+            ms += [ms[0], ms[0]]
+            errors.append(float("nan"))
+        totals = [t + v for t, v in zip(totals, ms)]
+        print(f"{m:>8} {k:>5} {n:>6} {calls:>5} " + " ".join(f"{v:8.3f}" for v in ms) + f" {errors[0]:9.2e} {errors[1]:9.2e}", flush=True)
+    print(f"{'total':>8} {'':>5} {'':>6} {'':>5} " + " ".join(f"{v:8.2f}" for v in totals))
+
+
+# (rows, columns, K step, warps, stages) of the output tiles `--linear-sweep` tries
+LINEAR_CONFIGS = [
+    (128, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 4, 3),
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 5),
+    (128, 256, 64, 8, 3), (256, 64, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+]
+
+
+def linear_sweep(model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """ms per forward of the GEMMs with M >= 8192 on cuBLAS and on each of LINEAR_CONFIGS, summed by layer shape
+    (in, out) over the forwards of `inputs`; returns the winning tiles of the shapes where the kernel is faster."""
+    shapes: dict[tuple[int, int, int], int] = {}
+    for sample, ehs in inputs:
+        for (m, k, n), calls in gemm_shapes(model, sample, ehs).items():
+            if m >= 8192:
+                shapes[m, k, n] = shapes.get((m, k, n), 0) + calls
+    times: dict[tuple[int, int], dict] = {}
+    for (m, k, n), calls in sorted(shapes.items()):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        row = times.setdefault((k, n), {})
+        us = 1000 * median_ms(lambda: F.linear(x, w, b), 10)
+        row["cuBLAS"] = row.get("cuBLAS", 0.0) + calls * us / 1000
+        cells = [f"cuBLAS {us:.0f}"]
+        for config in LINEAR_CONFIGS:
+            try:
+                us = 1000 * median_ms(lambda: fused.linear_tiled(x, w, b, None, *config), 10)
+            except Exception as err:  # Triton: out of shared memory or registers
+                cells.append(f"{config}: {type(err).__name__}")
+                row[config] = float("inf")
+                continue
+            row[config] = row.get(config, 0.0) + calls * us / 1000
+            cells.append(f"{config}: {us:.0f}")
+        print(f"linear {m} x {k} -> {n} ({calls} calls), us per call: " + ", ".join(cells), flush=True)
+    chosen = {}
+    print("\nLinear layers, ms per forward(s) summed: cuBLAS, best tiles")
+    for (k, n), row in times.items():
+        best = min((c for c in row if c != "cuBLAS"), key=row.get)
+        print(f"  {k:>5} -> {n:<5} {row['cuBLAS']:8.3f} {row[best]:8.3f} {best}")
+        if row[best] < 0.97 * row["cuBLAS"]:
+            chosen[k, n] = best
+    print(f"chosen: {chosen}", flush=True)
+    return chosen
+
+
 def frame_kernel_sweep(cfg: dict, windows: int) -> None:
     """Microseconds per call of the frame-attention kernel at each block size (pairs per program) and warp count,
     on the U-Net's temporal shapes: levels 0-2 at 256 px, then level 0 at 512 px."""
@@ -197,6 +306,9 @@ def main() -> None:
     ap.add_argument("--attention", action="store_true", help="each attention shape under each SDPA backend")
     ap.add_argument("--frame-kernel-sweep", action="store_true", help="the frame-attention kernel's block sizes")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time eager with cuDNN's benchmark mode (fp16)")
+    ap.add_argument("--graphs", action="store_true", help="also time the forward replayed as a CUDA graph (fp16)")
+    ap.add_argument("--fp8-gemms", action="store_true", help="each GEMM shape of a forward in fp16 and in FP8")
+    ap.add_argument("--linear-sweep", action="store_true", help="linear layers on the Triton kernel by tile size, then eager rows with the winners")
     args = ap.parse_args()
     cfg = yaml.safe_load((ROOT / "configs/unet/stage2.yaml").read_text())["model"]
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -212,12 +324,25 @@ def main() -> None:
     with torch.device("cuda"):
         base = UNet3DConditionModel.from_config(cfg).eval()
     rows, profiles = [], []
+    tiles = {}
+    if args.linear_sweep:
+        with torch.no_grad():
+            model = base.to(dtype=torch.float16, memory_format=torch.channels_last)
+            tiles = linear_sweep(model, [
+                (torch.randn(2 * n, 13, 16, res // 8, res // 8, device="cuda", dtype=torch.float16),
+                 torch.randn(32 * n, 50, 384, device="cuda", dtype=torch.float16))
+                for res in args.resolutions for n in args.windows
+            ])
     with torch.no_grad():
         for dtype in (torch.float16, torch.bfloat16):
             model = base.to(dtype=dtype, memory_format=torch.channels_last)  # as Components.to
             variants = [("eager", model)]
             if dtype == torch.float16:
                 variants += [("cudnn-bench", model)] if args.cudnn_benchmark else []
+                if args.graphs:  # the full step as the pipeline replays it; context rows are (batch x frames)
+                    deep = CUDAGraphed(model.deep, torch.cuda.Event(), torch.cuda.graph_pool_handle())
+                    variants += [("graphs", lambda sample, t, ehs, deep=deep: deep(sample, t, ehs, False)[0])]
+                variants += [("linear-tiles", model)] if tiles else []
                 variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []
                 variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead", dynamic=False))] if args.cudagraphs else []
             for res in args.resolutions:
@@ -225,9 +350,18 @@ def main() -> None:
                 for n in args.windows:
                     sample = torch.randn(2 * n, 13, 16, lat, lat, device="cuda", dtype=dtype)
                     ehs = torch.randn(32 * n, 50, 384, device="cuda", dtype=dtype)
+                    if args.fp8_gemms and dtype == torch.float16:
+                        fp8_gemm_table(model, sample, ehs, f"{res} px, {n} window(s)")
                     for name, m in variants:
                         torch.cuda.reset_peak_memory_stats()
                         torch.backends.cudnn.benchmark = name == "cudnn-bench"
+                        fused.LINEAR_TILES.clear()
+                        if name == "linear-tiles":
+                            reference = m(sample, torch.tensor(951, device="cuda"), ehs).sample
+                            fused.LINEAR_TILES.update(tiles)
+                            out = m(sample, torch.tensor(951, device="cuda"), ehs).sample
+                            print(f"linear tiles: output differs from cuBLAS's by {(out - reference).abs().max().item():.2e} at most "
+                                  f"(outputs up to {reference.abs().max().item():.2f})", flush=True)
                         ms = time_forward(m, sample, ehs, args.iters)
                         peak = torch.cuda.max_memory_allocated() / 2**30
                         tflops = n * TFLOP_PER_FORWARD[res] / (ms / 1000)

@@ -158,12 +158,14 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.net[0].proj
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The feed-forward of x, plus `residual` if given."""
+        proj, out = self.net[0].proj, self.net[2]
         value_w, gate_w = proj.weight.chunk(2)
         value_b, gate_b = proj.bias.chunk(2)
-        value, gate = F.linear(x, value_w, value_b), F.linear(x, gate_w, gate_b)
-        return self.net[2](fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate))
+        value, gate = fused.linear(x, value_w, value_b), fused.linear(x, gate_w, gate_b)
+        product = fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate)
+        return fused.linear(product, out.weight, out.bias, residual)
 
 
 class TokenAttention(Attention):
@@ -174,11 +176,11 @@ class TokenAttention(Attention):
         context = x if context is None else context
         b = x.shape[0]
         q, k, v = (
-            proj(t).view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+            fused.linear(t, proj.weight, proj.bias).view(b, t.shape[1], self.heads, -1).transpose(1, 2)
             for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
-        return self.to_out[1](self.to_out[0](out))
+        return self.to_out[1](fused.linear(out, self.to_out[0].weight, self.to_out[0].bias))
 
 
 class AudioTransformerBlock(nn.Module):
@@ -206,7 +208,7 @@ class AudioTransformerBlock(nn.Module):
             x, h = add_norm(self.norm2, x, delta)
             delta = self.attn2(h, context)
         x, h = add_norm(self.norm3, x, delta)
-        return self.ff(h) + x
+        return self.ff(h, residual=x)
 
 
 class SpatialTransformer3D(nn.Module):
@@ -223,10 +225,10 @@ class SpatialTransformer3D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        hidden = F.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight.flatten(1), self.proj_in.bias)
+        hidden = fused.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
-        return untokens(F.linear(hidden, self.proj_out.weight.flatten(1), self.proj_out.bias), h, w) + x
+        return untokens(fused.linear(hidden, self.proj_out.weight.flatten(1), self.proj_out.bias, tokens(x)), h, w)
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -280,13 +282,12 @@ class TemporalSelfAttention(Attention):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
         bf, pixels, c = x.shape
         b = bf // frames
-        x = x.reshape(b, frames, pixels, c)
         q, k, v = (
-            proj(x).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
+            fused.linear(x, proj.weight, proj.bias).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
             for proj in (self.to_q, self.to_k, self.to_v)
         )
         out = frame_attention(q, k, v).transpose(1, 2).reshape(bf, pixels, c)
-        return self.to_out[1](self.to_out[0](out))
+        return self.to_out[1](fused.linear(out, self.to_out[0].weight, self.to_out[0].bias))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -305,7 +306,7 @@ class TemporalTransformerBlock(nn.Module):
             x, h = add_norm(norm, x, delta, attention.positions(frames, x.dtype))
             delta = attention(h, frames)
         x, h = add_norm(self.ff_norm, x, delta)
-        return self.ff(h) + x
+        return self.ff(h, residual=x)
 
 
 class TemporalTransformer(nn.Module):
@@ -325,10 +326,10 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         h, w = x.shape[-2:]
-        hidden = self.proj_in(tokens(group_norm(self.norm, x, 1)))  # per frame, as upstream
+        hidden = fused.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight, self.proj_in.bias)  # per frame
         for block in self.transformer_blocks:
             hidden = block(hidden, frames)
-        return untokens(self.proj_out(hidden), h, w) + x
+        return untokens(fused.linear(hidden, self.proj_out.weight, self.proj_out.bias, tokens(x)), h, w)
 
 
 class MotionModule(nn.Module):
