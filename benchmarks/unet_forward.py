@@ -8,14 +8,13 @@ GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fus
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
 to a multiple of 64, as explicit matmuls and softmax compiled by Inductor, and (temporal shapes) our Triton kernel.
 `--cudnn-benchmark` adds eager rows with cuDNN's convolution algorithms chosen by timing, not heuristics.
-`--graphs` adds rows with the forward replayed as a CUDA graph, as the pipeline runs it (`UNet.graph_steps`).
+`--graphs` adds rows with the forward replayed as a CUDA graph, as the pipeline runs it (`UNet3DConditionModel.graph_steps`).
 `--fp8-gemms` times every matrix product of one forward (the linear layers' GEMMs, not convolutions or attention)
 in fp16 and as FP8 (e4m3, one scale per row of each operand, inputs quantized beforehand): what FP8 GEMMs could
-save at most, with their error against fp32. `--linear-sweep` times the linear layers' GEMMs (M >= 8192) on our
-Triton kernel (`fused.linear`) at each tile size against cuBLAS, then adds eager rows with the winners.
+save at most, with their error against fp32.
 
     python benchmarks/unet_forward.py [--compile] [--cudagraphs] [--windows 1 4] [--profile] [--attention]
-        [--frame-kernel-sweep] [--cudnn-benchmark] [--graphs] [--fp8-gemms] [--linear-sweep]
+        [--frame-kernel-sweep] [--cudnn-benchmark] [--graphs] [--fp8-gemms]
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sy
 from lipsync_ray.models import UNet3DConditionModel
 from lipsync_ray.models.unet import CUDAGraphed
 from lipsync_ray.models import frame_attention as frame_kernel
-from lipsync_ray.models import fused
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_MS = {256: 57.0, 512: 185.3}
@@ -202,52 +200,6 @@ def fp8_gemm_table(model, sample, ehs, title: str) -> None:
     print(f"{'total':>8} {'':>5} {'':>6} {'':>5} " + " ".join(f"{v:8.2f}" for v in totals))
 
 
-# (rows, columns, K step, warps, stages) of the output tiles `--linear-sweep` tries
-LINEAR_CONFIGS = [
-    (128, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 4, 3),
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 5),
-    (128, 256, 64, 8, 3), (256, 64, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-]
-
-
-def linear_sweep(model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """ms per forward of the GEMMs with M >= 8192 on cuBLAS and on each of LINEAR_CONFIGS, summed by layer shape
-    (in, out) over the forwards of `inputs`; returns the winning tiles of the shapes where the kernel is faster."""
-    shapes: dict[tuple[int, int, int], int] = {}
-    for sample, ehs in inputs:
-        for (m, k, n), calls in gemm_shapes(model, sample, ehs).items():
-            if m >= 8192:
-                shapes[m, k, n] = shapes.get((m, k, n), 0) + calls
-    times: dict[tuple[int, int], dict] = {}
-    for (m, k, n), calls in sorted(shapes.items()):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
-        b = torch.randn(n, device="cuda", dtype=torch.float16)
-        row = times.setdefault((k, n), {})
-        us = 1000 * median_ms(lambda: F.linear(x, w, b), 10)
-        row["cuBLAS"] = row.get("cuBLAS", 0.0) + calls * us / 1000
-        cells = [f"cuBLAS {us:.0f}"]
-        for config in LINEAR_CONFIGS:
-            try:
-                us = 1000 * median_ms(lambda: fused.linear_tiled(x, w, b, None, *config), 10)
-            except Exception as err:  # Triton: out of shared memory or registers
-                cells.append(f"{config}: {type(err).__name__}")
-                row[config] = float("inf")
-                continue
-            row[config] = row.get(config, 0.0) + calls * us / 1000
-            cells.append(f"{config}: {us:.0f}")
-        print(f"linear {m} x {k} -> {n} ({calls} calls), us per call: " + ", ".join(cells), flush=True)
-    chosen = {}
-    print("\nLinear layers, ms per forward(s) summed: cuBLAS, best tiles")
-    for (k, n), row in times.items():
-        best = min((c for c in row if c != "cuBLAS"), key=row.get)
-        print(f"  {k:>5} -> {n:<5} {row['cuBLAS']:8.3f} {row[best]:8.3f} {best}")
-        if row[best] < 0.97 * row["cuBLAS"]:
-            chosen[k, n] = best
-    print(f"chosen: {chosen}", flush=True)
-    return chosen
-
-
 def frame_kernel_sweep(cfg: dict, windows: int) -> None:
     """Microseconds per call of the frame-attention kernel at each block size (pairs per program) and warp count,
     on the U-Net's temporal shapes: levels 0-2 at 256 px, then level 0 at 512 px."""
@@ -308,7 +260,6 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also time eager with cuDNN's benchmark mode (fp16)")
     ap.add_argument("--graphs", action="store_true", help="also time the forward replayed as a CUDA graph (fp16)")
     ap.add_argument("--fp8-gemms", action="store_true", help="each GEMM shape of a forward in fp16 and in FP8")
-    ap.add_argument("--linear-sweep", action="store_true", help="linear layers on the Triton kernel by tile size, then eager rows with the winners")
     args = ap.parse_args()
     cfg = yaml.safe_load((ROOT / "configs/unet/stage2.yaml").read_text())["model"]
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -324,15 +275,6 @@ def main() -> None:
     with torch.device("cuda"):
         base = UNet3DConditionModel.from_config(cfg).eval()
     rows, profiles = [], []
-    tiles = {}
-    if args.linear_sweep:
-        with torch.no_grad():
-            model = base.to(dtype=torch.float16, memory_format=torch.channels_last)
-            tiles = linear_sweep(model, [
-                (torch.randn(2 * n, 13, 16, res // 8, res // 8, device="cuda", dtype=torch.float16),
-                 torch.randn(32 * n, 50, 384, device="cuda", dtype=torch.float16))
-                for res in args.resolutions for n in args.windows
-            ])
     with torch.no_grad():
         for dtype in (torch.float16, torch.bfloat16):
             model = base.to(dtype=dtype, memory_format=torch.channels_last)  # as Components.to
@@ -342,7 +284,6 @@ def main() -> None:
                 if args.graphs:  # the full step as the pipeline replays it; context rows are (batch x frames)
                     deep = CUDAGraphed(model.deep, torch.cuda.Event(), torch.cuda.graph_pool_handle())
                     variants += [("graphs", lambda sample, t, ehs, deep=deep: deep(sample, t, ehs, False)[0])]
-                variants += [("linear-tiles", model)] if tiles else []
                 variants += [("compile", torch.compile(model, dynamic=False))] if args.compile else []
                 variants += [("cudagraphs", torch.compile(model, mode="reduce-overhead", dynamic=False))] if args.cudagraphs else []
             for res in args.resolutions:
@@ -355,13 +296,6 @@ def main() -> None:
                     for name, m in variants:
                         torch.cuda.reset_peak_memory_stats()
                         torch.backends.cudnn.benchmark = name == "cudnn-bench"
-                        fused.LINEAR_TILES.clear()
-                        if name == "linear-tiles":
-                            reference = m(sample, torch.tensor(951, device="cuda"), ehs).sample
-                            fused.LINEAR_TILES.update(tiles)
-                            out = m(sample, torch.tensor(951, device="cuda"), ehs).sample
-                            print(f"linear tiles: output differs from cuBLAS's by {(out - reference).abs().max().item():.2e} at most "
-                                  f"(outputs up to {reference.abs().max().item():.2f})", flush=True)
                         ms = time_forward(m, sample, ehs, args.iters)
                         peak = torch.cuda.max_memory_allocated() / 2**30
                         tflops = n * TFLOP_PER_FORWARD[res] / (ms / 1000)

@@ -235,8 +235,8 @@ def test_frame_attention_kernel_matches_sdpa():
 
 # GroupNorm: channel means far from zero (the partial statistics' combination must not cancel), channel counts that
 # are not powers of two, statistics over whole clips and per frame, with and without SiLU and a frame bias.
-# LayerNorm with and without the residual add and the positions by frame; GEGLU; residual add + channel bias; the
-# linear kernel with ragged tiles; then whole fp16 blocks (kernels) and the fused VAE against float32 (PyTorch).
+# LayerNorm with and without the residual add and the positions by frame; GEGLU; residual add + channel bias; then
+# whole fp16 blocks (kernels) and the fused VAE against float32 (PyTorch).
 FUSED_KERNELS_CHECK = r"""
 import json
 import torch
@@ -285,15 +285,6 @@ bias = torch.randn(48).half()
 worst = max(worst, error(fused.add_bias(x, h, bias), x.double() + h.double() + bias.double()[:, None, None]))
 value, gate = torch.randn(5, 300).half() * 3, torch.randn(5, 300).half() * 3
 worst = max(worst, error(fused.geglu(value, gate), value.double() * F.gelu(gate.double())))
-for m, k, n, with_bias, with_residual in [(50, 64, 80, True, True), (7, 32, 48, False, False)]:
-    x, weight = torch.randn(m, k).half(), (torch.randn(n, k) / k**0.5).half()
-    bias = torch.randn(n).half() if with_bias else None
-    residual = torch.randn(m, n).half() if with_residual else None
-    ref = x.double() @ weight.double().T + (bias.double() if with_bias else 0) + (residual.double() if with_residual else 0)
-    worst = max(worst, error(fused.linear_tiled(x, weight, bias, residual, 32, 32, 16, 4, 2), ref))
-tiled, linear_tiled = [], fused.linear_tiled  # the blocks' linear layers on the kernel
-fused.linear_tiled = lambda *args: tiled.append(1) or linear_tiled(*args)
-fused.LINEAR_TILES.update({shape: (32, 32, 16, 4, 2) for shape in [(64, 64), (48, 64), (64, 256), (256, 64)]})
 module = 0.0
 for block, inputs in [
     (ResnetBlock3D(64, 96, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
@@ -304,7 +295,6 @@ for block, inputs in [
     expected = block(*inputs)  # float32: the PyTorch forms
     half = block.half()(*(t.half() if isinstance(t, torch.Tensor) else t for t in inputs)).float()
     module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-fused.LINEAR_TILES.clear()
 calls, adds = [], []  # the VAE's fused norms and residual adds run, not their PyTorch fallbacks
 group_norm, add_bias = fused.group_norm, fused.add_bias
 fused.group_norm = lambda *args, **kwargs: calls.append(1) or group_norm(*args, **kwargs)
@@ -317,15 +307,13 @@ with torch.no_grad():
     vae.half()
     half = vae.decode(vae.encode(x.half()).latent_dist.mode()).sample.float()
 module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-print(worst, module, len(calls), len(adds), len(tiled))
+print(worst, module, len(calls), len(adds))
 """
 
 
 def test_fused_kernels_match_float64():
-    worst, module, vae_norms, vae_adds, linears = _interpreted(FUSED_KERNELS_CHECK)
+    worst, module, vae_norms, vae_adds = _interpreted(FUSED_KERNELS_CHECK)
     assert worst < 1e-3  # fp16 rounding: half an ulp is 4.9e-4 relative
     assert module < 1e-2  # whole fp16 blocks and the VAE (kernels) against float32 (PyTorch forms)
     assert vae_norms == 2 * (4 + 2 + 4 * 2 + 2) + 2  # tiny VAE: 1 and 2 ResNets per level, 2 in each mid block
     assert vae_adds == 4 + 2 + 4 * 2 + 2  # one per ResNet
-    # audio block: q, k, v and out of 2 attentions, 3 feed-forward GEMMs; temporal block: 2 attentions and the same
-    assert linears == 8 + 3 + 8 + 3

@@ -158,14 +158,12 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The feed-forward of x, plus `residual` if given."""
-        proj, out = self.net[0].proj, self.net[2]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.net[0].proj
         value_w, gate_w = proj.weight.chunk(2)
         value_b, gate_b = proj.bias.chunk(2)
-        value, gate = fused.linear(x, value_w, value_b), fused.linear(x, gate_w, gate_b)
-        product = fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate)
-        return fused.linear(product, out.weight, out.bias, residual)
+        value, gate = F.linear(x, value_w, value_b), F.linear(x, gate_w, gate_b)
+        return self.net[2](fused.geglu(value, gate) if fused.supported(value) else value * F.gelu(gate))
 
 
 class TokenAttention(Attention):
@@ -176,11 +174,11 @@ class TokenAttention(Attention):
         context = x if context is None else context
         b = x.shape[0]
         q, k, v = (
-            fused.linear(t, proj.weight, proj.bias).view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+            proj(t).view(b, t.shape[1], self.heads, -1).transpose(1, 2)
             for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
-        return self.to_out[1](fused.linear(out, self.to_out[0].weight, self.to_out[0].bias))
+        return self.to_out[1](self.to_out[0](out))
 
 
 class AudioTransformerBlock(nn.Module):
@@ -208,7 +206,7 @@ class AudioTransformerBlock(nn.Module):
             x, h = add_norm(self.norm2, x, delta)
             delta = self.attn2(h, context)
         x, h = add_norm(self.norm3, x, delta)
-        return self.ff(h, residual=x)
+        return self.ff(h) + x
 
 
 class SpatialTransformer3D(nn.Module):
@@ -225,10 +223,10 @@ class SpatialTransformer3D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        hidden = fused.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight.flatten(1), self.proj_in.bias)
+        hidden = F.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             hidden = block(hidden, context)
-        return untokens(fused.linear(hidden, self.proj_out.weight.flatten(1), self.proj_out.bias, tokens(x)), h, w)
+        return untokens(F.linear(hidden, self.proj_out.weight.flatten(1), self.proj_out.bias), h, w) + x
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -282,12 +280,13 @@ class TemporalSelfAttention(Attention):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
         bf, pixels, c = x.shape
         b = bf // frames
+        x = x.reshape(b, frames, pixels, c)
         q, k, v = (
-            fused.linear(x, proj.weight, proj.bias).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
+            proj(x).reshape(b, frames, pixels * self.heads, c // self.heads).transpose(1, 2)
             for proj in (self.to_q, self.to_k, self.to_v)
         )
         out = frame_attention(q, k, v).transpose(1, 2).reshape(bf, pixels, c)
-        return self.to_out[1](fused.linear(out, self.to_out[0].weight, self.to_out[0].bias))
+        return self.to_out[1](self.to_out[0](out))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -306,7 +305,7 @@ class TemporalTransformerBlock(nn.Module):
             x, h = add_norm(norm, x, delta, attention.positions(frames, x.dtype))
             delta = attention(h, frames)
         x, h = add_norm(self.ff_norm, x, delta)
-        return self.ff(h, residual=x)
+        return self.ff(h) + x
 
 
 class TemporalTransformer(nn.Module):
@@ -326,10 +325,10 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         h, w = x.shape[-2:]
-        hidden = fused.linear(tokens(group_norm(self.norm, x, 1)), self.proj_in.weight, self.proj_in.bias)  # per frame
+        hidden = self.proj_in(tokens(group_norm(self.norm, x, 1)))  # per frame, as upstream
         for block in self.transformer_blocks:
             hidden = block(hidden, frames)
-        return untokens(fused.linear(hidden, self.proj_out.weight, self.proj_out.bias, tokens(x)), h, w)
+        return untokens(self.proj_out(hidden), h, w) + x
 
 
 class MotionModule(nn.Module):

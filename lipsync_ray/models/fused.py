@@ -22,7 +22,6 @@ the same pass.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .frame_attention import interpreted
 
@@ -42,9 +41,6 @@ STATS_TILE = 4096
 PROGRAM_ELEMENTS = 65536  # per GroupNorm statistics program: few partials to combine, enough programs to fill the GPU
 LAYER_NORM_TILE, LAYER_NORM_WARPS = 2048, 4
 GEGLU_BLOCK = ADD_BLOCK = 2048
-# Linear layers whose GEMM runs on `_linear_kernel` instead of cuBLAS, by (in_features, out_features): rows and
-# columns of the output tile, K step, warps and pipeline stages. Shapes not listed go to cuBLAS.
-LINEAR_TILES: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -125,39 +121,6 @@ def add_bias(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tens
     out = torch.empty_like(h)
     n = h.numel()
     _add_bias_kernel[(triton.cdiv(n, ADD_BLOCK),)](x, h, bias, out, n, h.shape[1], BLOCK=ADD_BLOCK, num_warps=4)
-    return out
-
-
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`x @ weight.T + bias + residual` (residual: the output's shape, optional). For the shapes of LINEAR_TILES
-    one kernel, the adds in its epilogue; otherwise cuBLAS, and the residual is one more pass."""
-    n, k = weight.shape
-    tiles = LINEAR_TILES.get((k, n))
-    if tiles is None or not x.is_contiguous() or not supported(x.view(-1, k)):
-        out = F.linear(x, weight, bias)
-        return out if residual is None else out + residual
-    return linear_tiled(x, weight, bias, residual, *tiles)
-
-
-def linear_tiled(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    block_m: int, block_n: int, block_k: int, warps: int, stages: int,
-) -> torch.Tensor:
-    """`linear` on `_linear_kernel` with the given tiles (x: contiguous rows of in_features)."""
-    n, k = weight.shape
-    if k % block_k:
-        raise ValueError(f"in_features {k} is not a multiple of the K step {block_k}")
-    m = x.numel() // k
-    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    if residual is not None and (residual.shape != out.shape or not residual.is_contiguous()):
-        raise ValueError(f"residual must be contiguous and {tuple(out.shape)}, got {tuple(residual.shape)}")
-    _linear_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-        x, weight.contiguous(), x if bias is None else bias, x if residual is None else residual, out, m, n, k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )
     return out
 
 
@@ -294,34 +257,6 @@ if triton is not None:
         h = tl.load(h_ptr + i, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(bias_ptr + i % C, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + i, (x + h + b).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _linear_kernel(
-        x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, M, N, K,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # neighbouring programs take the column tiles of one row tile: x's rows come from memory once, then from L2
-        columns = tl.cdiv(N, BLOCK_N)
-        pid = tl.program_id(0)
-        rows = (pid // columns) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (pid % columns) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        row_mask, col_mask = rows < M, cols < N
-        x = x_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
-        w = w_ptr + cols[None, :] * K + ks[:, None]  # a (BLOCK_K, BLOCK_N) tile of weight.T
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            acc = tl.dot(tl.load(x, mask=row_mask[:, None], other=0.0), tl.load(w, mask=col_mask[None, :], other=0.0), acc)
-            x += BLOCK_K
-            w += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(residual_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _geglu_kernel(value_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
