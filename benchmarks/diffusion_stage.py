@@ -10,7 +10,11 @@ crops, same inputs and noise).
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 fps at 256 (DeepCache), 3.23 / 5.38 at 512; its U-Net
 at 142 / 190 TFLOP/s; 5.2 GiB of GPU memory at 256 (one window per U-Net call).
 
+`--graphs-profile` instead profiles one 4-window chunk (64 frames, no overlap) through Generate with CUDA graphs,
+as `run` runs it: wall time, the GPU's busy time within it, its longest idle gaps and GPU time by phase.
+
     python benchmarks/diffusion_stage.py [--windows 8] [--per-batch 1 4 8] [--compiled-per-batch 4] [--peak 989]
+        [--graphs-profile]
 """
 
 from __future__ import annotations
@@ -64,6 +68,61 @@ def run(model: str, n_windows: int, per_batch: int, deepcache: int, compile: boo
         "upstream": UPSTREAM_FPS.get((res, deepcache)), "tflops": tflops, "peak_share": tflops / peak,
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+
+
+def graphs_profile(model: str, top: int = 12) -> None:
+    """Prints where one chunk's time goes in Generate with CUDA graphs (see the module's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    components = build_random_components(get_preset(model), device="cuda").to("cuda", torch.float16)
+    diffusion = LipSyncDiffusion(components, "cuda", torch.float16, cuda_graphs=True)
+    crops, audio = _inputs(diffusion.resolution, 64)
+    wins, params = windows(64, 16, 0), DiffusionParams(20, 1.5, 1247, "ddim", 4, 0)
+    phases: dict[str, float] = {}
+
+    def timed(name, fn):  # GPU milliseconds between events around each call of fn, summed by phase
+        def call(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            phases[name] = phases.get(name, 0.0) + start.elapsed_time(end)
+            return out
+        return call
+
+    generate = lambda: diffusion.generate(crops, audio, wins, params, 0)  # noqa: E731
+    for _ in range(2):  # captures the graphs, then one warm run
+        generate()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate()
+    wall = 1000 * (time.perf_counter() - start)
+    encode, decode, unet = diffusion._encode, diffusion._decode, diffusion.c.unet
+    diffusion._encode, diffusion._decode = timed("VAE encode", encode), timed("VAE decode", decode)
+    diffusion.c.unet = timed("U-Net", unet)
+    generate()
+    diffusion._encode, diffusion._decode, diffusion.c.unet = encode, decode, unet
+    print(f"\nGenerate, one 4-window chunk with CUDA graphs ({model}): wall {wall:.1f} ms; GPU time by phase, ms "
+          "(events around each call, synchronised): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate()
+        torch.cuda.synchronize()
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, gaps, reach, last = 0.0, [], spans[0][0], spans[0][2]
+    for s0, s1, name in spans:  # union of the kernels' intervals (us); gaps between them
+        if s0 > reach:
+            gaps.append(((s0 - reach) / 1000, last, name))
+        busy += max(0.0, s1 - max(s0, reach))
+        if s1 > reach:
+            reach, last = s1, name
+    print(f"Profiled: GPU busy {busy / 1000:.1f} of {(reach - spans[0][0]) / 1000:.1f} ms between its first and last kernel "
+          f"({len(spans)} kernels); idle {sum(g[0] for g in gaps):.1f} ms in {len(gaps)} gaps")
+    for ms, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  gap {ms:6.2f} ms after {before[:60]} before {after[:60]}")
 
 
 def vae_ms(model: str, frames: int = 64) -> list[tuple[str, float, float]]:
@@ -127,8 +186,13 @@ def main() -> None:
     parser.add_argument("--compiled-per-batch", type=int, nargs="*", default=[4], help="windows/call of compiled runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--models", nargs="+", default=["latentsync-1.5-random", "latentsync-1.6-random"])
+    parser.add_argument("--graphs-profile", action="store_true", help="only profile one chunk with CUDA graphs, per model")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
+    if args.graphs_profile:
+        for model in args.models:
+            graphs_profile(model)
+        return
     print("| res | DeepCache | compile | windows/call | frames | stage fps | upstream e2e fps | UNet TFLOP/s | of peak | peak GPU GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:

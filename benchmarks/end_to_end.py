@@ -6,7 +6,8 @@ on that many GPUs. Prints one table row per run:
 - frames/s end to end, the seconds the GPU stage waits for its first chunk and the seconds after its last one
   (fill / drain), the seconds it waits between chunks (gaps: for Prepare, or for Compose to take its last
   result), and each stage's own rate (frames over the seconds its thread was busy; the stages
-  overlap, so the slowest stage bounds the end-to-end rate);
+  overlap, so the slowest stage bounds the end-to-end rate); plain runs also replay Generate's chunks alone after
+  the run ("alone"): how much the other stages, which share the GPU and the CPU, slow it down;
 - U-Net TFLOP/s over the Generate stage's time (VAE included, so a lower bound) and its share of `--peak`;
 - GPU busy fraction (NVML's utilisation, sampled every 0.1 s, mean over the run and the GPUs used);
 - peak GPU memory (plain: allocated / reserved by PyTorch; Ray: NVML, per GPU) and peak host memory (RSS of this
@@ -14,6 +15,7 @@ on that many GPUs. Prints one table row per run:
 
     python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
         [--deepcache 0 3] [--overlap 4] [--windows-per-chunk 4] [--compile] [--cuda-graphs on off] [--prepare-workers 2]
+        [--compose-device auto cpu]
         [--ray-gpus 1 2 4 --ray-videos-per-gpu 6]
 
 Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
@@ -114,16 +116,23 @@ class Timed:
             self.seconds += self.last - start - waited
 
 
-def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
+def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path, compose_device: str = "auto") -> dict:
+    """`compose_device`: where Compose pastes (auto: run's choice, the GPU when there is one)."""
     import torch
 
     from lipsync_ray.pipeline import LipSyncPipeline
+    from lipsync_ray.stages import Compose
 
     with LipSyncPipeline(cfg) as pipeline:
+        if compose_device != "auto":
+            pipeline.compose = Compose(cfg, device=compose_device)
+            pipeline.compose.setup()
         pipeline.run(video, audio, out / "warmup.mp4")  # model warm-up (and compilation) outside the timing
         # Prepare in worker processes is not timed per stage (its calls run there)
         names = ("generate", "compose") if pipeline.workers else ("prepare", "generate", "compose")
         stages = {name: Timed(getattr(pipeline, name)) for name in names}
+        generate, chunks_seen = stages["generate"].stage, []
+        stages["generate"].stage = lambda item: chunks_seen.append(item) or generate(item)
         for name, timed in stages.items():
             setattr(pipeline, name, timed)
         if torch.cuda.is_available():
@@ -132,6 +141,10 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
             start = time.perf_counter()
             result = pipeline.run(video, audio, out / "plain.mp4")
             end = time.perf_counter()
+        alone = time.perf_counter()
+        for item in chunks_seen:  # each call returns host arrays, so it has finished on the GPU
+            generate(item)
+        alone = time.perf_counter() - alone
     generate = stages["generate"]
     # the run's windows, from its frame count as plan_video chunks it (no second probe and audio decode)
     windows = sum(len(c.windows) for c in chunks(result.frames, cfg.windows_per_chunk, overlap=cfg.window_overlap))
@@ -140,6 +153,7 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path) -> dict:
         # the GPU stage's idle time: before the first chunk reaches Generate, between chunks, after the last one leaves it
         "fill_gaps_drain": f"{generate.first - start:.1f} / {generate.last - generate.first - generate.seconds:.1f} / {end - generate.last:.1f}",
         **{f"{k}_fps": result.frames / v.seconds for k, v in stages.items()},
+        "generate_alone_fps": result.frames / alone,
         "unet_tflops": _tflops(cfg, windows, stages["generate"].seconds),
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -219,6 +233,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (plain pipeline)")
     parser.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="U-Net steps as CUDA graphs")
     parser.add_argument("--prepare-workers", type=int, default=None, help="plain pipeline: Prepare in N processes (default: run's)")
+    parser.add_argument("--compose-device", nargs="+", default=["auto"], help="plain pipeline: where Compose pastes (auto: run's)")
     parser.add_argument("--ray-gpus", type=int, nargs="*", default=[], help="also run the Ray Data job on N GPUs")
     parser.add_argument("--ray-videos-per-gpu", type=int, default=6, help="copies of the video per GPU in the Ray job's catalog")
     parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU in the Ray job")
@@ -233,7 +248,7 @@ def main() -> None:
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
     print("| path | model | res | DeepCache | overlap | windows/chunk | compile | CUDA graphs | prepare workers | frames | e2e fps "
-          "| fill / gaps / drain s | prepare fps | generate fps | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
+          "| fill / gaps / drain s | prepare fps | generate fps (alone) | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
           "| peak GPU GiB (allocated / reserved) | peak host GiB |")
     print("|" + "---|" * 21, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,7 +261,11 @@ def main() -> None:
                     windows_per_batch=args.windows_per_batch, windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
                 res = cfg.preset().resolution
-                runs = [] if args.no_plain else [("plain", str(cfg.resolved_prepare_workers()), lambda: plain(cfg, args.video, args.audio, out))]
+                runs = [] if args.no_plain else [
+                    ("plain" + ("" if where == "auto" else f", compose on {where}"), str(cfg.resolved_prepare_workers()),
+                     lambda where=where: plain(cfg, args.video, args.audio, out, where))
+                    for where in args.compose_device
+                ]
                 ray_cfg = cfg.model_copy(update={"compile": False})
                 for g, run, prefetch in itertools.product(args.ray_gpus, args.ray_chunks_per_prepare, args.ray_prefetch):
                     job = lambda g=g, n=g * args.ray_videos_per_gpu, run=run, prefetch=prefetch: ray_job(  # noqa: E731
@@ -258,9 +277,10 @@ def main() -> None:
                     r = fn()
                     tfl = r.get("unet_tflops")
                     print(
-                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path == 'plain'} | {graphs} "
+                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path.startswith('plain')} | {graphs} "
                         f"| {workers} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_gaps_drain', '')} "
-                        f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))} "
+                        f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))}"
+                        + ("" if r.get("generate_alone_fps") is None else f" ({r['generate_alone_fps']:.1f})") + " "
                         f"| {_fmt(r.get('compose_fps'))} | {UPSTREAM_FPS.get((res, deepcache), '')} | {_fmt(tfl, '.0f')} "
                         f"| {_fmt(tfl and tfl / args.peak, '.0%')} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} / {_fmt(r.get('gpu_reserved_gib'), '.2f')} "
                         f"| {r['host_gib']:.2f} |", flush=True,
