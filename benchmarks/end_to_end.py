@@ -131,8 +131,8 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path, compose_device:
         # Prepare in worker processes is not timed per stage (its calls run there)
         names = ("generate", "compose") if pipeline.workers else ("prepare", "generate", "compose")
         stages = {name: Timed(getattr(pipeline, name)) for name in names}
-        generate, chunks_seen = stages["generate"].stage, []
-        stages["generate"].stage = lambda item: chunks_seen.append(item) or generate(item)
+        generate_stage, chunks_seen = stages["generate"].stage, []
+        stages["generate"].stage = lambda item: chunks_seen.append(item) or generate_stage(item)
         for name, timed in stages.items():
             setattr(pipeline, name, timed)
         if torch.cuda.is_available():
@@ -143,7 +143,7 @@ def plain(cfg: LipSyncConfig, video: str, audio: str, out: Path, compose_device:
             end = time.perf_counter()
         alone = time.perf_counter()
         for item in chunks_seen:  # each call returns host arrays, so it has finished on the GPU
-            generate(item)
+            generate_stage(item)
         alone = time.perf_counter() - alone
     generate = stages["generate"]
     # the run's windows, from its frame count as plan_video chunks it (no second probe and audio decode)
