@@ -34,7 +34,7 @@ WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, 
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="GPU: replay the U-Net's steps as CUDA graphs.")]
 PrepareWorkers = Annotated[
-    Optional[int], typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread (default: 2 on a GPU host with 8+ cores, else 0).")
+    Optional[int], typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread (default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0).")
 ]
 
 

@@ -35,7 +35,7 @@ class LipSyncConfig(BaseModel):
         True, description="GPU: replay the U-Net's steps as CUDA graphs (a video's last U-Net batch is then padded to full)"
     )
     prepare_workers: int | None = Field(
-        None, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread; default: 2 on a GPU host with 8+ cores, else 0)"
+        None, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread; default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0)"
     )
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
@@ -61,10 +61,15 @@ class LipSyncConfig(BaseModel):
 
     def resolved_prepare_workers(self) -> int:
         """Worker processes keep Prepare's Python off the GIL that the thread launching the GPU's kernels needs;
-        on a CPU, or with few cores, they only compete with the other stages."""
+        on a CPU, or with few cores, they only compete with the other stages. With 16 cores 4 workers prepare the
+        first chunk sooner than 2 (H100, 256 px, DeepCache 3, 10 s clip: 43.5 against 41.1 fps end to end, the
+        GPU's wait for its first chunk 0.5 against 0.8 s, for 3 GiB more host memory)."""
         if self.prepare_workers is not None:
             return self.prepare_workers
-        return 2 if self.resolved_device().startswith("cuda") and (os.cpu_count() or 1) >= 8 else 0
+        cores = os.cpu_count() or 1
+        if not self.resolved_device().startswith("cuda") or cores < 8:
+            return 0
+        return 4 if cores >= 16 else 2
 
     def resolved_device(self) -> str:
         if self.device != "auto":

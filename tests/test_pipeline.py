@@ -119,10 +119,12 @@ def test_prepare_runs_in_workers_by_default_only_on_gpu_hosts_with_cores(monkeyp
     from lipsync_ray.config import LipSyncConfig
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 2
+    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 4
     assert LipSyncConfig(device="cpu").resolved_prepare_workers() == 0
     assert LipSyncConfig(device="cuda", prepare_workers=0).resolved_prepare_workers() == 0
     assert LipSyncConfig(device="cpu", prepare_workers=3).resolved_prepare_workers() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 0
 
