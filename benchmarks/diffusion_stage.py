@@ -36,9 +36,11 @@ UPSTREAM_FPS = {(256, 0): 7.54, (256, 3): 11.42, (512, 0): 3.23, (512, 3): 5.38}
 
 
 @functools.lru_cache(maxsize=1)
-def _diffusion(model: str, dtype: torch.dtype = torch.float16, compile: bool = False) -> LipSyncDiffusion:
+def _diffusion(
+    model: str, dtype: torch.dtype = torch.float16, compile: bool = False, cuda_graphs: bool = False
+) -> LipSyncDiffusion:
     components = build_random_components(get_preset(model), device="cuda").to("cuda", dtype)
-    return LipSyncDiffusion(components, "cuda", dtype, compile=compile)
+    return LipSyncDiffusion(components, "cuda", dtype, compile=compile, cuda_graphs=cuda_graphs)
 
 
 def _inputs(res: int, n: int):
@@ -74,8 +76,7 @@ def graphs_profile(model: str, top: int = 12) -> None:
     """Prints where one chunk's time goes in Generate with CUDA graphs (see the module's docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
-    components = build_random_components(get_preset(model), device="cuda").to("cuda", torch.float16)
-    diffusion = LipSyncDiffusion(components, "cuda", torch.float16, cuda_graphs=True)
+    diffusion = _diffusion(model, cuda_graphs=True)
     crops, audio = _inputs(diffusion.resolution, 64)
     wins, params = windows(64, 16, 0), DiffusionParams(20, 1.5, 1247, "ddim", 4, 0)
     phases: dict[str, float] = {}
