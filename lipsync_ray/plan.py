@@ -2,7 +2,8 @@
 workers process independently, and the crossfade weights that stitch them. Pure functions, no I/O.
 
 - Output runs at 25 fps and follows the audio: audio longer than the video ping-pongs the video (forward,
-  backward, ... repeating the turn-around frame, as upstream); shorter audio cuts it.
+  backward, ... repeating the turn-around frame, as upstream); shorter audio cuts it. Each output frame shows the
+  source frame on screen at its time (by presentation timestamps, so variable frame rates and gaps work).
 - Model windows are 16 frames on one global grid with stride `window - window_overlap`; frames covered by two
   windows are crossfaded, which removes upstream's jump at every 16-frame boundary.
 - Chunks are runs of whole windows. Neighbouring chunks share the frames of the window overlap between them,
@@ -14,8 +15,8 @@ workers process independently, and the crossfade weights that stitch them. Pure 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -28,21 +29,21 @@ def output_frame_count(audio_samples: int, sample_rate: int = 16_000) -> int:
     return audio_samples * FPS // sample_rate
 
 
-def frames_at_25fps(source_frames: int, source_fps: float) -> int:
-    """How many 25 fps frames a clip of `source_frames` at `source_fps` lasts."""
-    return max(1, math.floor(source_frames * FPS / source_fps + 1e-6)) if source_frames else 0
-
-
-def source_frame_map(n_out: int, source_frames: int, source_fps: float = FPS) -> np.ndarray:
-    """Source frame index for each 25 fps output frame: resampled to 25 fps, ping-pong looped, cut to n_out."""
-    n25 = frames_at_25fps(source_frames, source_fps)
-    if n25 == 0:
+def source_frame_map(n_out: int, pts: np.ndarray, end: int, time_base: Fraction) -> np.ndarray:
+    """Source frame (an index into `pts`, the frames' presentation timestamps in `time_base` units, ascending) for
+    each 25 fps output frame: output frame j at j/25 s shows the last frame whose timestamp, counted from the
+    first frame's, is at or before that time, whatever the source's frame rate, its variations or gaps. The clip
+    lasts until `end`; audio longer than that ping-pongs it, shorter audio cuts it. Exact integer arithmetic, so
+    every worker computes the same map."""
+    pts = np.asarray(pts, np.int64)
+    if pts.size == 0:
         raise ValueError("the video has no frames")
-    i = np.arange(n_out)
-    loop, k = np.divmod(i, n25)
+    num, den = time_base.numerator, time_base.denominator
+    # output frame j starts at j * den / (FPS * num) time-base units; the clip shows output frames while j/25 < end
+    n25 = max(1, -(-(end - int(pts[0])) * FPS * num // den))
+    loop, k = np.divmod(np.arange(n_out), n25)
     k25 = np.where(loop % 2 == 0, k, n25 - 1 - k)
-    # nearest source frame to each 25 fps timestamp
-    return np.minimum(np.floor(k25 * source_fps / FPS + 0.5).astype(np.int64), source_frames - 1)
+    return np.searchsorted(pts - pts[0], k25 * den // (FPS * num), side="right") - 1
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .config import LipSyncConfig
 from .diffusion import LipSyncDiffusion
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
-from .media import FrameReader, MediaError, VideoWriter, load_audio, probe_video
+from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
 from .models.presets import checkpoints_root, load_components, load_whisper
 from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
 from .storage import InputCache
@@ -49,8 +49,15 @@ class VideoPlan:
     source_map: np.ndarray  # (n_out,) source frame per output frame
     chunks: list[Chunk]
     ceiling: float  # clip-wide log-mel ceiling shared by every chunk's audio features
-    width: int
-    height: int
+    source: VideoInfo  # the video's frame timestamps, displayed size, rotation and colour
+
+    @property
+    def width(self) -> int:
+        return self.source.width
+
+    @property
+    def height(self) -> int:
+        return self.source.height
 
 
 def local_path(inputs: InputCache | None, url: str | Path) -> str:
@@ -63,10 +70,10 @@ def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig, inputs:
     info = probe_video(local_path(inputs, video))
     wave = load_audio(local_path(inputs, audio))
     n_out = output_frame_count(wave.size)
-    source_map = source_frame_map(n_out, info.frames, float(info.fps))
+    source_map = source_frame_map(n_out, info.pts, info.end, info.time_base)
     return VideoPlan(
         str(video), str(audio), n_out, source_map, chunks(n_out, cfg.windows_per_chunk, overlap=cfg.window_overlap),
-        mel_ceiling(wave), info.width, info.height,
+        mel_ceiling(wave), info,
     )
 
 
@@ -125,7 +132,7 @@ class Prepare:
             if clip is not None:
                 clip.reader.close()
             clip = self._clips.clip = _OpenClip(
-                plan.video, plan.audio, plan.ceiling, FrameReader(local_path(self.inputs, plan.video)),
+                plan.video, plan.audio, plan.ceiling, FrameReader(local_path(self.inputs, plan.video), plan.source),
                 load_audio(local_path(self.inputs, plan.audio)),
             )
         return clip
@@ -326,7 +333,8 @@ class Compose:
         video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
         groups = [range(f, min(f + PASTE_GROUP, plan.n_out)) for f in range(0, plan.n_out, PASTE_GROUP)]
         with (
-            FrameReader(video) as reader, VideoWriter(output, plan.width, plan.height, audio) as writer,
+            FrameReader(video, plan.source) as reader,
+            VideoWriter(output, plan.width, plan.height, audio, colour=plan.source.colour) as writer,
             torch.cuda.stream(self.stream) if self.stream is not None else nullcontext(),
         ):
 

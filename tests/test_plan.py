@@ -1,7 +1,9 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
-from lipsync_ray.plan import chunks, frames_at_25fps, output_frame_count, source_frame_map, window_weights, windows
+from lipsync_ray.plan import chunks, output_frame_count, source_frame_map, window_weights, windows
 
 
 def test_output_follows_the_audio():
@@ -9,19 +11,33 @@ def test_output_follows_the_audio():
     assert output_frame_count(153_600) == 240  # demo1_audio: 9.6 s
 
 
+def _cfr(frames: int, fps: Fraction) -> tuple[np.ndarray, int, Fraction]:
+    """Timestamps of a constant-rate clip in a 1/90000 time base, as a container would store them."""
+    tb = Fraction(1, 90_000)
+    step = int(1 / fps / tb)
+    return np.arange(frames) * step, frames * step, tb
+
+
 def test_ping_pong_repeats_the_turnaround_frame_like_upstream():
-    np.testing.assert_array_equal(source_frame_map(12, 5), [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 0, 1])
-    np.testing.assert_array_equal(source_frame_map(3, 5), [0, 1, 2])  # shorter audio cuts the video
+    np.testing.assert_array_equal(source_frame_map(12, *_cfr(5, 25)), [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 0, 1])
+    np.testing.assert_array_equal(source_frame_map(3, *_cfr(5, 25)), [0, 1, 2])  # shorter audio cuts the video
 
 
-def test_other_frame_rates_resample_to_25fps():
-    assert frames_at_25fps(300, 30.0) == 250
-    m = source_frame_map(250, 300, 30.0)
-    assert m[0] == 0 and m[-1] <= 299 and np.all(np.diff(m) >= 1) and np.all(np.diff(m) <= 2)
-    assert frames_at_25fps(125, 12.5) == 250
-    np.testing.assert_array_equal(source_frame_map(4, 125, 12.5), [0, 1, 1, 2])  # each frame shown twice
+def test_each_output_frame_shows_the_source_frame_on_screen_at_its_time():
+    m = source_frame_map(250, *_cfr(300, Fraction(30)))
+    np.testing.assert_array_equal(m, np.arange(250) * 30 // 25)  # 30 fps: the last frame at or before j/25 s
+    np.testing.assert_array_equal(source_frame_map(4, *_cfr(125, Fraction(25, 2))), [0, 0, 1, 1])  # 12.5 fps
+    # 30 fps clip of 75 frames (2.5 s): output frames at 0 .. 2.48 s, the 63rd turns around
+    assert source_frame_map(64, *_cfr(75, Fraction(30)))[62:].tolist() == [74, 74]
     with pytest.raises(ValueError, match="no frames"):
-        source_frame_map(10, 0)
+        source_frame_map(10, np.array([], np.int64), 0, Fraction(1, 25))
+
+
+def test_variable_rate_gaps_and_a_late_start_follow_the_timestamps():
+    """ms time base, start at 5 s: frames at 0, 10, 100 ms, then a gap to 1000 ms, the clip ending at 1040 ms."""
+    pts = np.array([5000, 5010, 5100, 6000])
+    m = source_frame_map(26, pts, 6040, Fraction(1, 1000))
+    assert m[:4].tolist() == [0, 1, 1, 2] and set(m[3:25]) == {2} and m[25] == 3
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 28, 29, 40, 241, 1000])

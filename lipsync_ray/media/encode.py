@@ -1,7 +1,9 @@
 """Streaming H.264 encode with the target audio muxed in, written atomically.
 
 Frames go to ffmpeg's stdin one at a time, so memory does not grow with video length. The output appears at its
-final path only when ffmpeg has finished successfully; a failure leaves nothing there.
+final path only when ffmpeg has finished successfully; a failure leaves nothing there. RGB goes back to YUV by
+the source's matrix and range, and the output carries the source's colour tags, so it looks as the input did
+(an HDR source keeps its transfer and primaries: 8-bit, no tone-mapping).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from .probe import MediaError
+from .probe import Colour, MediaError
 
 
 class VideoWriter:
-    def __init__(self, output: str | Path, width: int, height: int, audio: str | Path, fps: int = 25, crf: int = 18):
+    def __init__(
+        self, output: str | Path, width: int, height: int, audio: str | Path, fps: int = 25, crf: int = 18,
+        colour: Colour = Colour(),
+    ):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".mp4", dir=self.output.parent)
@@ -25,14 +30,18 @@ class VideoWriter:
         self.tmp = Path(tmp)
         self.size = (width, height)
         self.frames = 0
-        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
+        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps).filter(
+            "scale", out_color_matrix=colour.matrix, out_range="pc" if colour.range == "pc" else "tv"
+        )
+        tags = {name: value for name, value in (("colorspace", colour.space), ("color_range", colour.range),
+                ("color_primaries", colour.primaries), ("color_trc", colour.transfer)) if value}
         sound = ffmpeg.input(str(audio)).audio
         # yuv420p, which players expect, needs even sizes; odd sizes are encoded 4:4:4 to keep their resolution
         pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
         self.process = (
             ffmpeg.output(
                 video, sound, str(self.tmp), vcodec="libx264", pix_fmt=pix_fmt, crf=crf, preset="veryfast",
-                acodec="aac", audio_bitrate="128k", shortest=None, movflags="+faststart", loglevel="error",
+                acodec="aac", audio_bitrate="128k", shortest=None, movflags="+faststart", loglevel="error", **tags,
             )
             .overwrite_output()
             .run_async(pipe_stdin=True, pipe_stderr=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import ffmpeg
 import numpy as np
 
@@ -22,40 +23,111 @@ def _ffmpeg_reason(err: ffmpeg.Error) -> str:
     return lines[-1] if lines else "ffmpeg failed"
 
 
+# ffprobe's colour names -> the matrix names of ffmpeg's scale filter (what the encoder converts RGB with)
+_MATRIX = {"bt709": "bt709", "smpte170m": "smpte170m", "bt470bg": "bt470", "bt2020nc": "bt2020", "bt2020c": "bt2020",
+           "fcc": "fcc", "smpte240m": "smpte240m"}
+
+
 @dataclass(frozen=True)
+class Colour:
+    """The colour description of a video stream, as ffprobe names it ("" where the stream does not say)."""
+
+    space: str = ""
+    range: str = ""  # "tv" (limited) or "pc" (full)
+    primaries: str = ""
+    transfer: str = ""
+
+    @property
+    def matrix(self) -> str:
+        """The YUV matrix frames are decoded with and encoded back with: the stream's, else BT.601 (what ffmpeg
+        assumes for an untagged stream), so an untagged input comes out as it went in."""
+        return _MATRIX.get(self.space, "bt601")
+
+    @property
+    def hdr(self) -> bool:
+        return self.transfer in ("smpte2084", "arib-std-b67")
+
+
+@dataclass(frozen=True, eq=False)
 class VideoInfo:
+    """A video stream as it is displayed: its size after rotation and the presentation time of every frame.
+
+    Frames are numbered in presentation order; `pts[k]` is frame k's timestamp in `time_base` units (ascending,
+    gaps and variable intervals kept) and frame k is on screen until `pts[k + 1]` (the last one until `end`)."""
+
     path: str
+    stream: int  # the video stream's index in the container (cover art is skipped)
     width: int
     height: int
-    fps: Fraction
-    frames: int
-    duration: float
+    pts: np.ndarray
+    time_base: Fraction
+    end: int
+    rotation: int  # degrees counter-clockwise that turn a decoded frame upright: 0, 90, 180 or 270
+    colour: Colour
     has_audio: bool
+
+    @property
+    def frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def duration(self) -> float:
+        return float((self.end - self.pts[0]) * self.time_base)
+
+    @property
+    def fps(self) -> Fraction:
+        """The average frame rate."""
+        return Fraction(self.frames) / ((self.end - int(self.pts[0])) * self.time_base)
 
 
 def probe_video(path: str | Path) -> VideoInfo:
+    """Stream facts from ffprobe, and the frames' presentation timestamps from the container's packets (read
+    without decoding, by the same libavformat that decodes them later; packets an edit list drops are left out)."""
     path = str(path)
     if not Path(path).is_file():
         raise MediaError(f"{path}: no such file")
     try:
-        info = ffmpeg.probe(path, count_packets=None)
+        info = ffmpeg.probe(path)
     except ffmpeg.Error as err:
         raise MediaError(f"{path}: not a readable video ({_ffmpeg_reason(err)})") from None
     streams = info.get("streams", [])
-    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    video = next((s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")), None)
     if video is None:
         raise MediaError(f"{path}: has no video stream")
-    fps = Fraction(video.get("avg_frame_rate") or video.get("r_frame_rate") or "0/1")
-    if fps <= 0:
-        fps = Fraction(video.get("r_frame_rate", "0/1"))
-    frames = int(video.get("nb_read_packets") or video.get("nb_frames") or 0)
-    if frames <= 0 or fps <= 0:
+    try:
+        with av.open(path) as container:
+            stream = container.streams[video["index"]]
+            time_base = stream.time_base
+            packets = {p.pts if p.pts is not None else p.dts: p.duration or 0 for p in container.demux(stream)
+                       if p.size and not p.is_discard and (p.pts is not None or p.dts is not None)}
+    except av.FFmpegError as err:
+        raise MediaError(f"{path}: not a readable video ({err.strerror or err})") from None
+    if not packets:
         raise MediaError(f"{path}: the video has no frames")
-    duration = float(video.get("duration") or info.get("format", {}).get("duration") or frames / fps)
+    pts = np.array(sorted(packets), np.int64)
+    step = int(np.median(np.diff(pts))) if len(pts) > 1 else 0
+    last = packets[int(pts[-1])] or step or max(1, round(1 / (25 * time_base)))  # a lone frame: one output frame
+    rotation = _rotation(video)
+    width, height = int(video["width"]), int(video["height"])
+    if rotation % 180:
+        width, height = height, width
+    colour = Colour(*(_tag(video.get(f"color_{name}")) for name in ("space", "range", "primaries", "transfer")))
     return VideoInfo(
-        path, int(video["width"]), int(video["height"]), fps, frames, duration,
+        path, video["index"], width, height, pts, time_base, int(pts[-1]) + int(last), rotation, colour,
         any(s.get("codec_type") == "audio" for s in streams),
     )
+
+
+def _tag(value: str | None) -> str:
+    return "" if value in (None, "unknown", "unspecified") else value
+
+
+def _rotation(stream: dict) -> int:
+    """Counter-clockwise degrees that turn the stored picture upright: the rotation of the display matrix."""
+    for side in stream.get("side_data_list", []):
+        if "rotation" in side:
+            return round(float(side["rotation"]) / 90) * 90 % 360
+    return 0
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
