@@ -10,10 +10,13 @@ import json
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from lipsync_ray.batch import run_batch
 from lipsync_ray.cli import app
+from lipsync_ray.config import BatchConfig, LipSyncConfig
 from lipsync_ray.media import FrameReader, MediaError, probe_video
 
 from .conftest import DATA, MARK, ffmpeg, marks_shown
@@ -179,3 +182,19 @@ def test_a_frame_that_never_decodes_is_an_error_naming_the_file_and_time(corpus,
         with pytest.raises(MediaError, match=r"zeroed.mp4: the video cannot be decoded at \d+\.\d\d s"):
             for k in range(reader.frames):
                 reader[k]
+
+
+@pytest.mark.slow
+def test_the_corpus_through_one_bulk_job(ray_local, corpus, tmp_path):
+    """The same frame map on the Ray job's workers: each output shows the frames `run` shows."""
+    d, files = corpus
+    catalog = tmp_path / "catalog.parquet"
+    pd.DataFrame([{"id": name, "video": str(files[name]), "audio": str(d / "speech.wav")} for name in RUN_CASES]).to_parquet(catalog)
+    job = BatchConfig(
+        catalog=str(catalog), output=str(tmp_path / "out"), pipeline=LipSyncConfig(model="tiny-random", steps=1, detector="offline"),
+        prepare_actors=(2, 2), generate_actors=(1, 1),
+    )
+    manifest = {m.id: m for m in run_batch(job)}
+    for name in RUN_CASES:
+        assert manifest[name].status == "ok", (name, manifest[name].error)
+        assert marks_shown(manifest[name].output) == expected_marks(cli_truth(files[name])), name
