@@ -7,7 +7,7 @@ with and without DeepCache, eager and torch.compile'd. Then the VAE's share: mil
 masked crops) and decode one 4-window batch, with the VAE's weights and inputs contiguous and channels-last. Then
 the output's precision against an fp32 run (max and mean difference in uint8 levels over one window's generated
 crops, same inputs and noise).
-Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 fps at 256 (DeepCache), 3.23 / 5.38 at 512; its U-Net
+Upstream end to end on one H100 (docs/upstream_baseline.md): 7.54 / 11.42 fps at 256 (DeepCache), 3.23 / 5.38 at 512; its U-Net
 at 142 / 190 TFLOP/s; 5.2 GiB of GPU memory at 256 (one window per U-Net call).
 
 `--graphs-profile` instead profiles one 4-window chunk (64 frames, no overlap) through Generate with CUDA graphs,

@@ -18,7 +18,7 @@ on that many GPUs. Prints one table row per run:
         [--compose-device auto cpu]
         [--ray-gpus 1 2 4 --ray-videos-per-gpu 6]
 
-Upstream end to end on one H100 (shared/perf): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
+Upstream end to end on one H100 (docs/upstream_baseline.md): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
 3.23 / 5.38 at 512, at 5.2 GiB of GPU memory for 256.
 """
 

