@@ -8,7 +8,7 @@ GPU's time goes by kernel kind (convolution, GEMM, attention, normalisation, fus
 `--attention` times each of the U-Net's attention shapes under every SDPA backend, with the head dim zero-padded
 to a multiple of 64, as explicit matmuls and softmax compiled by Inductor, and (temporal shapes) our Triton kernel.
 `--cudnn-benchmark` adds eager rows with cuDNN's convolution algorithms chosen by timing, not heuristics.
-`--graphs` adds rows with the forward replayed as a CUDA graph, as the pipeline runs it (`UNet3DConditionModel.graph_steps`).
+`--graphs` adds rows with the forward replayed as a CUDA graph, as the pipeline runs it (`lipsync_ray.diffusion.graph_steps`).
 `--fp8-gemms` times every matrix product of one forward (the linear layers' GEMMs, not convolutions or attention)
 in fp16 and as FP8 (e4m3, one scale per row of each operand, inputs quantized beforehand): what FP8 GEMMs could
 save at most, with their error against fp32.
@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_stage import TFLOP_PER_FORWARD, median_ms  # this folder is on sys.path when run as a script
 from lipsync_ray.models import UNet3DConditionModel
-from lipsync_ray.models.unet import CUDAGraphed
+from lipsync_ray.diffusion import CUDAGraphed
 from lipsync_ray.models import frame_attention as frame_kernel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.presets import VAE_SCALING, Components, make_scheduler
-from .models.unet import DeepCache
+from .models.unet import UNet3DConditionModel
 from .plan import Window, window_weights
 
 VAE_FRAMES = 16
@@ -48,6 +49,90 @@ class DiffusionParams:
     deepcache: int = 0  # DeepCache interval (0 = off; upstream's --enable_deepcache uses 3)
 
 
+@dataclass
+class DeepCache:
+    """DeepCache (Ma et al., CVPR 2024) at branch 0, as upstream's `DeepCacheSDHelper(cache_interval=3,
+    cache_branch_id=0)`: every `interval`-th U-Net call runs in full and keeps the features at the branch point
+    (`models.unet.deepcache_layer`); the calls in between reuse them and run only the layers around it. The U-Net's
+    `forward` follows this schedule. One instance per denoising loop."""
+
+    interval: int = 3
+    calls: int = 0
+    features: torch.Tensor | None = None
+
+    def reuse(self) -> bool:
+        reuse = self.features is not None and self.calls % self.interval != 0
+        self.calls += 1
+        return reuse
+
+
+def compile_steps(unet: UNet3DConditionModel, **options) -> None:
+    """torch.compile the U-Net's `deep` and `shallow` steps (options as torch.compile's); `forward` then runs them."""
+    unet.deep = torch.compile(unet.deep, **options)  # type: ignore[method-assign]
+    unet.shallow = torch.compile(unet.shallow, **options)  # type: ignore[method-assign]
+
+
+def graph_steps(unet: UNet3DConditionModel) -> None:
+    """Replay the U-Net's `deep` and `shallow` steps (compiled or not) as CUDA graphs, one per input shape (see
+    `CUDAGraphed`), one replay of either in flight at a time and one memory pool for all their graphs."""
+    done, pool = torch.cuda.Event(), torch.cuda.graph_pool_handle()
+    unet.deep = CUDAGraphed(unet.deep, done, pool)  # type: ignore[method-assign]
+    unet.shallow = CUDAGraphed(unet.shallow, done, pool)  # type: ignore[method-assign]
+
+
+class CUDAGraphed:
+    """`fn` captured as a CUDA graph on its first call with each input signature (shapes, dtypes, other arguments)
+    and replayed after: a step's ~2,000 kernels then cost one launch, so the GPU no longer waits on the Python
+    thread that launches them, which shares the GIL with the pipeline's other stages.
+
+    The outputs are the graph's own buffers, overwritten by later replays (see the pool below). The denoising loop
+    uses each step's output before the next step; DeepCache's features (the full step's) are reused by the
+    shallow steps that follow, which replay another graph.
+
+    A replay is launched only once the one before it (recorded in `done`, which graphs may share) has finished.
+    Graph launches cost the host almost nothing, so the launching thread would otherwise queue a whole denoising
+    loop, and queued graphs delay every other stream's work in the process: on an H200 a paste-sized job on its
+    own high-priority stream took 700 ms instead of 1 ms behind unbounded replays of a 140 ms graph, and the
+    pipeline's Compose (`end_to_end.py`'s compose fps) fell from 66 to 24 frames/s. While the thread waits, the GPU
+    runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
+
+    Graphs sharing `pool` reuse each other's activation memory, as they never run at once. A capture never takes
+    memory that an earlier graph's output holds (the outputs stay referenced here), so the full step's features
+    survive the shallow replays; a replay may overwrite outputs of graphs captured after it, which the loop has
+    used by then. The warm-up's cached blocks belong to its side stream, so they are released after capture."""
+
+    def __init__(self, fn, done: torch.cuda.Event, pool: tuple):
+        self.fn, self.done, self.pool = fn, done, pool
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
+
+    def __call__(self, *args):
+        key = tuple((a.shape, a.dtype, a.stride(), a.device) if torch.is_tensor(a) else a for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, inputs, output = self.graphs[key]
+        self.done.synchronize()
+        for buffer, a in zip(inputs, args):
+            if torch.is_tensor(a):
+                buffer.copy_(a)
+        graph.replay()
+        self.done.record()
+        return output
+
+    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list, Any]:
+        inputs = [a.clone() if torch.is_tensor(a) else a for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel plans, Triton / Inductor compiles
+            for _ in range(2):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.fn(*inputs)
+        torch.cuda.empty_cache()
+        return graph, inputs, output
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """The VAE's input in its activations' layout (`models.vae`)."""
     return x.contiguous(memory_format=torch.channels_last)
@@ -68,9 +153,9 @@ class LipSyncDiffusion:
         self.device, self.dtype = torch.device(device), dtype
         cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if compile:
-            components.unet.compile_steps(dynamic=False)
+            compile_steps(components.unet, dynamic=False)
         if cuda_graphs:
-            components.unet.graph_steps()
+            graph_steps(components.unet)
         self.pad_batches = (compile or cuda_graphs) if pad_batches is None else pad_batches
         # one `generate` at a time (Serve runs a replica's calls in threads): CUDA graphs replay into shared buffers
         self.lock = threading.Lock()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync_ray.diffusion import DiffusionParams, LipSyncDiffusion, load_mask
+from lipsync_ray.diffusion import DiffusionParams, LipSyncDiffusion, compile_steps, load_mask
 from lipsync_ray.models.presets import build_random_components, get_preset
 from lipsync_ray.plan import chunks, windows
 
@@ -106,7 +106,7 @@ def test_compiled_unet_steps_are_captured_whole_and_match_eager():
 
     torch._dynamo.reset()
     compiled = LipSyncDiffusion(build_random_components(get_preset("tiny-random")))
-    compiled.c.unet.compile_steps(dynamic=False, fullgraph=True, backend="aot_eager")
+    compile_steps(compiled.c.unet, dynamic=False, fullgraph=True, backend="aot_eager")
     torch._dynamo.utils.counters.clear()
     got = [run(compiled, 0), run(compiled, 3)]
     # deep, deep keeping DeepCache's features, shallow: one graph each for the 8 U-Net calls of both runs

@@ -117,7 +117,7 @@ def test_strict_checkpoint_loading_names_bad_keys(tmp_path):
 
 def test_deepcache_shallow_pass_matches_the_full_pass_on_the_same_input():
     """A reuse step fed the features its own full pass cached must give that full pass's output exactly."""
-    from lipsync_ray.models.unet import DeepCache
+    from lipsync_ray.diffusion import DeepCache
 
     torch.manual_seed(0)
     unet = UNet3DConditionModel.from_config(load_unet_config("tiny-random.yaml")).eval()
@@ -146,7 +146,7 @@ def test_activations_stay_channels_last_between_blocks(equivalence, monkeypatch)
         return out
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
-    from lipsync_ray.models.unet import DeepCache
+    from lipsync_ray.diffusion import DeepCache
 
     convolutions = sum(
         isinstance(m, torch.nn.Conv2d) and not name.endswith(("proj_in", "proj_out")) for name, m in model.named_modules()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..diffusion import DeepCache
 
 from .blocks import (
     Downsample3D,
@@ -167,25 +170,10 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, temb, frames)
 
 
-@dataclass
-class DeepCache:
-    """DeepCache (Ma et al., CVPR 2024) at branch 0, as upstream's `DeepCacheSDHelper(cache_interval=3,
-    cache_branch_id=0)`: every `interval`-th U-Net call runs in full and keeps the features entering the last up
-    block's layer that takes the first down layer's skip; the calls in between reuse them and run only conv_in,
-    that first down layer, the last up block's last two layers and conv_out. One instance per denoising loop."""
-
-    interval: int = 3
-    calls: int = 0
-    features: torch.Tensor | None = None
-
-    @staticmethod
-    def layer(block: "UpBlock") -> int:
-        return len(block.resnets) - 2
-
-    def reuse(self) -> bool:
-        reuse = self.features is not None and self.calls % self.interval != 0
-        self.calls += 1
-        return reuse
+def deepcache_layer(block: "UpBlock") -> int:
+    """DeepCache's branch point (branch 0, as upstream): the layer of the last up block that takes the first down
+    layer's skip. A full step keeps the features entering it; a shallow step starts there."""
+    return len(block.resnets) - 2
 
 
 class UNet3DConditionModel(nn.Module):
@@ -297,7 +285,7 @@ class UNet3DConditionModel(nn.Module):
         timestep: int | float | torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
-        cache: DeepCache | None = None,
+        cache: "DeepCache | None" = None,
     ) -> UNet3DOutput | tuple[torch.Tensor]:
         if sample.ndim != 5:
             raise ValueError(f"sample must be (batch, channels, frames, height, width), got {tuple(sample.shape)}")
@@ -320,8 +308,8 @@ class UNet3DConditionModel(nn.Module):
                 cache.features = features
         return UNet3DOutput(sample=x) if return_dict else (x,)
 
-    # `deep` and `shallow` hold all the tensor work and no Python state, so torch.compile can take each whole
-    # (`compile_steps`); DeepCache's bookkeeping stays in `forward`.
+    # `deep` and `shallow` hold all the tensor work and no Python state, so torch.compile and CUDA graphs can take
+    # each whole (`diffusion.compile_steps`, `diffusion.graph_steps`); `forward` follows DeepCache's schedule.
     def deep(self, sample: torch.Tensor, timestep, context: torch.Tensor | None, keep_features: bool = False):
         """The full U-Net -> (noise prediction, DeepCache's features or None)."""
         x, temb, frames = self._in(sample, timestep)
@@ -336,7 +324,7 @@ class UNet3DConditionModel(nn.Module):
             # upsample to the next skip's size, which also handles inputs not divisible by the total downsampling
             size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
             last = block is self.up_blocks[-1]
-            keep = DeepCache.layer(block) if last and keep_features else None
+            keep = deepcache_layer(block) if last and keep_features else None
             x, features = block(x, mine, temb, context, frames, size, keep=keep)
         return self._out(x, frames), features  # the last block's: the only one asked to keep any
 
@@ -345,7 +333,7 @@ class UNet3DConditionModel(nn.Module):
         x, temb, frames = self._in(sample, timestep)
         last = self.up_blocks[-1]
         first = self.down_blocks[0].layer(0, x, temb, context, frames)
-        x, _ = last(features, [x, first], temb, context, frames, first=DeepCache.layer(last))
+        x, _ = last(features, [x, first], temb, context, frames, first=deepcache_layer(last))
         return self._out(x, frames)
 
     def _in(self, sample: torch.Tensor, timestep) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -354,68 +342,3 @@ class UNet3DConditionModel(nn.Module):
 
     def _out(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         return from_frame_batch(self.conv_out(group_norm(self.conv_norm_out, x, frames, silu=True)), frames)
-
-    def compile_steps(self, **options) -> None:
-        """torch.compile `deep` and `shallow` (options as torch.compile's); `forward` then runs the compiled ones."""
-        self.deep = torch.compile(self.deep, **options)  # type: ignore[method-assign]
-        self.shallow = torch.compile(self.shallow, **options)  # type: ignore[method-assign]
-
-    def graph_steps(self) -> None:
-        """Replay `deep` and `shallow` (compiled or not) as CUDA graphs, one per input shape (see `CUDAGraphed`),
-        one replay of either in flight at a time and one memory pool for all their graphs."""
-        done, pool = torch.cuda.Event(), torch.cuda.graph_pool_handle()
-        self.deep = CUDAGraphed(self.deep, done, pool)  # type: ignore[method-assign]
-        self.shallow = CUDAGraphed(self.shallow, done, pool)  # type: ignore[method-assign]
-
-
-class CUDAGraphed:
-    """`fn` captured as a CUDA graph on its first call with each input signature (shapes, dtypes, other arguments)
-    and replayed after: a step's ~2,000 kernels then cost one launch, so the GPU no longer waits on the Python
-    thread that launches them, which shares the GIL with the pipeline's other stages.
-
-    The outputs are the graph's own buffers, overwritten by later replays (see the pool below). The denoising loop
-    uses each step's output before the next step; DeepCache's features (the full step's) are reused by the
-    shallow steps that follow, which replay another graph.
-
-    A replay is launched only once the one before it (recorded in `done`, which graphs may share) has finished.
-    Graph launches cost the host almost nothing, so the launching thread would otherwise queue a whole denoising
-    loop, and queued graphs delay every other stream's work in the process: on an H200 a paste-sized job on its
-    own high-priority stream took 700 ms instead of 1 ms behind unbounded replays of a 140 ms graph, and the
-    pipeline's Compose (`end_to_end.py`'s compose fps) fell from 66 to 24 frames/s. While the thread waits, the GPU
-    runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
-
-    Graphs sharing `pool` reuse each other's activation memory, as they never run at once. A capture never takes
-    memory that an earlier graph's output holds (the outputs stay referenced here), so the full step's features
-    survive the shallow replays; a replay may overwrite outputs of graphs captured after it, which the loop has
-    used by then. The warm-up's cached blocks belong to its side stream, so they are released after capture."""
-
-    def __init__(self, fn, done: torch.cuda.Event, pool: tuple):
-        self.fn, self.done, self.pool = fn, done, pool
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
-
-    def __call__(self, *args):
-        key = tuple((a.shape, a.dtype, a.stride(), a.device) if torch.is_tensor(a) else a for a in args)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        graph, inputs, output = self.graphs[key]
-        self.done.synchronize()
-        for buffer, a in zip(inputs, args):
-            if torch.is_tensor(a):
-                buffer.copy_(a)
-        graph.replay()
-        self.done.record()
-        return output
-
-    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list, Any]:
-        inputs = [a.clone() if torch.is_tensor(a) else a for a in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel plans, Triton / Inductor compiles
-            for _ in range(2):
-                self.fn(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.fn(*inputs)
-        torch.cuda.empty_cache()
-        return graph, inputs, output
