@@ -91,10 +91,8 @@ class CUDAGraphed:
 
     A replay is launched only once the one before it (recorded in `done`, which graphs may share) has finished.
     Graph launches cost the host almost nothing, so the launching thread would otherwise queue a whole denoising
-    loop, and queued graphs delay every other stream's work in the process: on an H200 a paste-sized job on its
-    own high-priority stream took 700 ms instead of 1 ms behind unbounded replays of a 140 ms graph, and the
-    pipeline's Compose (`end_to_end.py`'s compose fps) fell from 66 to 24 frames/s. While the thread waits, the GPU
-    runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
+    loop, and queued graphs delay every other stream's work in the process (Compose's pasting on its own
+    high-priority stream among it: docs/performance.md). While the thread waits, the GPU runs the step's eager kernels (guidance, scheduler) that it queued after the replay.
 
     Graphs sharing `pool` reuse each other's activation memory, as they never run at once. A capture never takes
     memory that an earlier graph's output holds (the outputs stay referenced here), so the full step's features

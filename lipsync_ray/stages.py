@@ -277,7 +277,7 @@ class Generate:
 
 def _expandable_segments() -> None:
     """Let PyTorch's GPU memory segments grow in place, so fewer sit partly empty: with the same allocations and
-    speed, the process reserves about a quarter less (H100: 10.1 -> 7.8 GiB at 256 px, 29.6 -> 22.1 at 512).
+    speed, the process reserves about a quarter less (docs/performance.md).
     Applies to what is allocated after it; the user's own setting in the environment wins."""
     if not any("expandable_segments" in os.environ.get(name, "") for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")

@@ -1,12 +1,10 @@
 """Attention across the 16 frames of every (clip, pixel, head): a Triton kernel for the motion modules.
 
 The motion modules attend over sequences of 16 tokens, 65,536 of them per U-Net call at level 0 (256 px, 4
-windows). SDPA's kernels tile 64-128 query rows per sequence and leave most of each tile idle: at 256 px they
-spend about 0.75 ms per call where reading q, k, v and writing the output takes under 0.1 ms. Here one program
-takes a block of consecutive (pixel, head) pairs of one clip, whose frames are contiguous runs of memory in the
-U-Net's frame batch, and does their whole attention in registers: scores, float32 softmax, weighted sum.
-Per forward at 256 px (H100, 10 calls at level 0): 3.8 ms against memory-efficient SDPA's 7.4; the whole U-Net
-(H200, 4 windows): 119 against 136 ms eager, 94 against 102 compiled. It is still ~5x from the memory bound.
+windows). SDPA's kernels tile 64-128 query rows per sequence and leave most of each tile idle, spending far longer
+per call than reading q, k, v and writing the output takes. Here one program takes a block of consecutive (pixel,
+head) pairs of one clip, whose frames are contiguous runs of memory in the U-Net's frame batch, and does their whole
+attention in registers: scores, float32 softmax, weighted sum (timings: docs/performance.md).
 
 Only on CUDA GPUs from Ampere on and in fp16 / bf16; otherwise, or without Triton, `frame_attention` in `blocks`
 uses SDPA.

@@ -1,12 +1,11 @@
 """Triton kernels for the U-Net's memory-bound steps in eager mode: GroupNorm (+ frame bias, + SiLU), residual add
 + LayerNorm (+ the motion modules' positional encoding), GEGLU's product, and residual add + convolution bias.
 Eager PyTorch spends several passes over the activations on each of these. With these kernels the eager U-Net is
-as fast as the compiled one, without compiling (H100, 256 px, 4 windows: 100.5 ms against 133 before and 100.0
-compiled; 512 px: 414 against 518). Under torch.compile Inductor fuses the PyTorch forms with their neighbours
+as fast as the compiled one, without compiling (docs/performance.md). Under torch.compile Inductor fuses the PyTorch forms with their neighbours
 instead, so these run in eager only (`supported`).
 
 GroupNorm, written out in PyTorch (`blocks.group_norm`), is a mean pass, a Welford pass, a float32 `addcmul`, a
-copy back to fp16 and a SiLU (24.5 of those 133 ms), and the ResNets' timestep bias one more broadcast pass. Here:
+copy back to fp16 and a SiLU, and the ResNets' timestep bias one more broadcast pass. Here:
 1. `_stats_kernel`: each program reads full channel rows of one clip (contiguous memory) and keeps a running mean
    and sum of squared deviations per element of its tile (Welford), combined across the tile's rows at the end
    (Chan): no cancellation when a channel's mean dwarfs its spread, and no reduction inside the loop;
@@ -14,8 +13,8 @@ copy back to fp16 and a SiLU (24.5 of those 133 ms), and the ResNets' timestep b
    the affine weights into one float32 scale and shift per (clip, channel);
 3. `_apply_kernel`: bias, `x * scale + shift`, SiLU, rounded once to the input's dtype.
 
-PyTorch's LayerNorm kernel gives each 320-channel row a thread block and reaches about a quarter of the memory
-bandwidth (H100); `_add_layer_norm_kernel` normalises a tile of rows per program and adds the residual branch in
+PyTorch's LayerNorm kernel gives each 320-channel row a thread block and reaches a fraction of the memory
+bandwidth; `_add_layer_norm_kernel` normalises a tile of rows per program and adds the residual branch in
 the same pass.
 """
 
@@ -34,9 +33,8 @@ except ImportError:  # CPU-only installs: the PyTorch form is used
 # Elements per tile of rows in registers, and warps per program: the best of a sweep on an H100 over the U-Net's
 # shapes at 256 px (GroupNorm: 320 to 1280 channels; LayerNorm: 320 channels x 131,072 rows to 1280 x 8,192).
 GROUP_NORM_TILE, STATS_WARPS, APPLY_WARPS = 8192, 4, 8
-# Statistics kernel: elements per tile, each with a running mean and M2 in registers. Best of a sweep on an H200
-# (1024 to 8192 elements, 2 to 8 warps): whole GroupNorm+SiLU at (128, 320, 64, 64) 534 us against 679 with the
-# former kernel's per-tile reductions, at (128, 320, 32, 32) 150 against 180; at (128, 960, 32, 32) 308 against 283.
+# Statistics kernel: elements per tile, each with a running mean and M2 in registers; the best of a sweep on an
+# H200 (1024 to 8192 elements, 2 to 8 warps).
 STATS_TILE = 4096
 PROGRAM_ELEMENTS = 65536  # per GroupNorm statistics program: few partials to combine, enough programs to fill the GPU
 LAYER_NORM_TILE, LAYER_NORM_WARPS = 2048, 4
