@@ -81,7 +81,7 @@ def test_tiny_random_runs_the_whole_stack_in_seconds():
     assert "MEANINGLESS" in c.preset.description
     res, frames = c.preset.resolution, 4
     wave = torch.randn(16000).numpy() * 0.1
-    audio = frame_features(feature_array(c.whisper, wave), range(frames))
+    audio = frame_features(feature_array(load_whisper(c.preset), wave), range(frames))
     assert audio.shape == (frames, 50, c.unet.config.cross_attention_dim)
     with torch.no_grad():
         image = torch.rand(frames, 3, res, res) * 2 - 1
@@ -116,14 +116,15 @@ def test_published_layout_loads_through_the_real_loader(tmp_path):
     preset.unet_path(tmp_path).parent.mkdir(parents=True)
     torch.save({"state_dict": tiny.unet.state_dict(), "global_step": 5}, preset.unet_path(tmp_path))
     (tmp_path / "whisper").mkdir()
-    dims = tiny.whisper.dims.__dict__
-    whisper_state = {f"encoder.{k}": v for k, v in tiny.whisper.encoder.state_dict().items()}
+    whisper = load_whisper("tiny-random")
+    dims = whisper.dims.__dict__
+    whisper_state = {f"encoder.{k}": v for k, v in whisper.encoder.state_dict().items()}
     whisper_state["decoder.token_embedding.weight"] = torch.zeros(1)  # decoder keys are ignored
     torch.save({"dims": dims, "model_state_dict": whisper_state}, tmp_path / "whisper" / "tiny.pt")
     tiny.vae.save_pretrained(tmp_path / "sd-vae-ft-mse")
 
     loaded = load_components(preset, tmp_path)
-    for mine, theirs in [(loaded.unet, tiny.unet), (loaded.vae, tiny.vae), (loaded.whisper, tiny.whisper)]:
+    for mine, theirs in [(loaded.unet, tiny.unet), (loaded.vae, tiny.vae), (load_whisper(preset, tmp_path), whisper)]:
         ref = theirs.state_dict()
         assert all(torch.equal(v, ref[k]) for k, v in mine.state_dict().items())
 

@@ -126,11 +126,6 @@ class FaceAligner:
         out = [cv2.resize(np.asarray(c), size, interpolation=cv2.INTER_LANCZOS4) for c in np.asarray(crops)]
         return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
 
-    def align(self, frames, points, state: SmoothingState | None = None):
-        """Frames + landmark triples -> (model-size crops (F, res, res, 3) uint8, matrices, state)."""
-        m, state = self.estimate(points, state)
-        return self.to_model_size(self.warp(frames, m)), m, state
-
     # -- paste back -------------------------------------------------------------------------------------------
     def from_model_size(self, faces: torch.Tensor) -> torch.Tensor:
         """(F, 3, res, res) faces in [-1, 1] -> (F, 3, face_h, face_w): bicubic with antialias, unclamped."""

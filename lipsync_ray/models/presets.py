@@ -105,16 +105,15 @@ def get_preset(name: str, resolution: int | None = None) -> ModelPreset:
 
 @dataclass
 class Components:
-    """Everything the diffusion step needs, built once per worker."""
+    """The networks the diffusion step needs (the audio encoder runs in Prepare: `load_whisper`), built once per
+    worker."""
 
     preset: ModelPreset
     unet: UNet3DConditionModel
     vae: AutoencoderKL
-    whisper: WhisperFeatureEncoder
-    scheduler_config: dict[str, Any]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Components":
-        for model in (self.unet, self.vae, self.whisper):
+        for model in (self.unet, self.vae):
             model.to(device)
             if next(model.parameters()).dtype != dtype:  # diffusers warns on every cast, even a no-op one
                 model.to(dtype=dtype)
@@ -123,13 +122,9 @@ class Components:
         return self
 
 
-def scheduler_config() -> dict[str, Any]:
-    return json.loads(config_path("scheduler_config.json").read_text())
-
-
 def make_scheduler(kind: str = "ddim"):
     """DDIM exactly as upstream, or DPM-Solver++ (multistep, 2nd order) from the same betas: fewer steps."""
-    cfg = scheduler_config()
+    cfg = json.loads(config_path("scheduler_config.json").read_text())
     if kind == "ddim":
         return DDIMScheduler.from_config(cfg)
     if kind == "dpm++":
@@ -141,9 +136,9 @@ def _missing(what: str, path: Path) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found at {path}: run `lipsync-ray download` (or set LIPSYNC_CHECKPOINTS)")
 
 
-def _random_whisper(preset: ModelPreset, seed: int) -> WhisperFeatureEncoder:
+def _random_whisper(preset: ModelPreset) -> WhisperFeatureEncoder:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+        torch.manual_seed(1)
         dims = ModelDimensions(**json.loads(config_path("whisper", preset.whisper_config).read_text()))
         return WhisperFeatureEncoder(dims).eval()
 
@@ -158,14 +153,14 @@ def build_random_components(preset: ModelPreset, seed: int = 0, device: str | to
         torch.manual_seed(seed)
         unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
         vae = AutoencoderKL.from_config(json.loads(config_path("vae", preset.vae_config).read_text()))
-    return Components(preset, unet.eval(), vae.eval(), _random_whisper(preset, seed), scheduler_config())
+    return Components(preset, unet.eval(), vae.eval())
 
 
 def load_whisper(model: str | ModelPreset, root: str | Path | None = None) -> WhisperFeatureEncoder:
     """Only the audio encoder, for CPU workers that need no U-Net or VAE."""
     preset = model if isinstance(model, ModelPreset) else get_preset(model)
     if preset.random_weights:
-        return _random_whisper(preset, seed=0)
+        return _random_whisper(preset)
     path = checkpoints_root(root) / "whisper" / "tiny.pt"
     if not path.exists():
         raise _missing("whisper tiny", path)
@@ -178,12 +173,12 @@ def load_components(model: str | ModelPreset, root: str | Path | None = None, de
     if preset.random_weights:
         return build_random_components(preset, device=device)
     root = checkpoints_root(root)
-    unet_file, whisper_file, vae_dir = preset.unet_path(root), root / "whisper" / "tiny.pt", root / "sd-vae-ft-mse"
-    for what, path in [("LatentSync U-Net", unet_file), ("whisper tiny", whisper_file), ("VAE", vae_dir)]:
+    unet_file, vae_dir = preset.unet_path(root), root / "sd-vae-ft-mse"
+    for what, path in [("LatentSync U-Net", unet_file), ("VAE", vae_dir)]:
         if not path.exists():
             raise _missing(what, path)
     with torch.device("meta"):
         unet = UNet3DConditionModel.from_config(load_unet_config(preset.unet_config))
     unet.load_checkpoint(unet_file)
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    return Components(preset, unet.eval(), vae.eval(), load_whisper(preset, root), scheduler_config())
+    return Components(preset, unet.eval(), vae.eval())
