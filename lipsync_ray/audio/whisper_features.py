@@ -21,12 +21,12 @@ import whisper
 from whisper.model import AudioEncoder, ModelDimensions
 
 from ..models.checkpoint import load_state_dict_strict
+from ..plan import FPS
 
 SAMPLE_RATE = 16_000
 MEL_PER_SECOND = 100
 ROWS_PER_SECOND = 50
 WINDOW_MEL = 3000  # whisper's 30 s input
-FPS = 25
 CONTEXT_ROWS = (2, 2)  # upstream audio_feat_length: frames of context before / after
 
 AudioMode = Literal["seamless", "upstream"]

@@ -15,12 +15,13 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from ..plan import FPS
 from .probe import Colour, MediaError
 
 
 class VideoWriter:
     def __init__(
-        self, output: str | Path, width: int, height: int, audio: str | Path, fps: int = 25, crf: int = 18,
+        self, output: str | Path, width: int, height: int, audio: str | Path, fps: int = FPS, crf: int = 18,
         colour: Colour = Colour(),
     ):
         self.output = Path(output)

@@ -10,6 +10,8 @@ import av
 import ffmpeg
 import numpy as np
 
+from ..plan import FPS
+
 SAMPLE_RATE = 16_000
 SILENCE_PEAK = 1e-4  # full scale = 1.0
 
@@ -106,7 +108,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise MediaError(f"{path}: the video has no frames")
     pts = np.array(sorted(packets), np.int64)
     step = int(np.median(np.diff(pts))) if len(pts) > 1 else 0
-    last = packets[int(pts[-1])] or step or max(1, round(1 / (25 * time_base)))  # a lone frame: one output frame
+    last = packets[int(pts[-1])] or step or max(1, round(1 / (FPS * time_base)))  # a lone frame: one output frame
     rotation = _rotation(video)
     width, height = int(video["width"]), int(video["height"])
     if rotation % 180:
@@ -144,7 +146,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     except ffmpeg.Error as err:
         raise MediaError(f"{path}: not readable audio ({_ffmpeg_reason(err)})") from None
     audio = np.frombuffer(raw, np.int16).astype(np.float32) / 32768.0
-    if audio.size < sample_rate // 25:
+    if audio.size < sample_rate // FPS:
         raise MediaError(f"{path}: the audio is empty (shorter than one video frame)")
     if np.abs(audio).max() < SILENCE_PEAK:
         raise MediaError(f"{path}: the audio is silent")
