@@ -292,11 +292,14 @@ def demo(
 def download(
     version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 (256 px) or 1.6 (512 px).")] = "1.6",
     root: Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints or $LIPSYNC_CHECKPOINTS).")] = None,
+    enhance: Annotated[bool, typer.Option("--enhance", help="Also fetch GFPGAN v1.4 (GFPGANv1.4.pth, for face restoration).")] = False,
 ) -> None:
     """Download the published LatentSync checkpoints, whisper tiny, the VAE and insightface buffalo_l."""
-    from .models.download import DownloadError, download as fetch
+    from .models.download import DownloadError, download as fetch, download_enhance
 
     try:
+        if enhance:
+            typer.echo(f"GFPGAN v1.4 ready at {download_enhance(root)}")
         files = fetch(version, root)
     except (DownloadError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

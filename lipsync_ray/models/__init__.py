@@ -1,8 +1,10 @@
 from .checkpoint import CheckpointMismatchError, load_state_dict_strict, read_unet_checkpoint
+from .gfpgan import GFPGAN
 from .unet import UNet3DConditionModel, UNet3DOutput, UNetConfig
 
 __all__ = [
     "CheckpointMismatchError",
+    "GFPGAN",
     "UNet3DConditionModel",
     "UNet3DOutput",
     "UNetConfig",

@@ -1,18 +1,21 @@
 """Fetch the published weights into the checkpoints layout (see presets.py and checkpoints/README.md).
 
 Sources: the LatentSync U-Net and whisper tiny from the Hugging Face Hub (ByteDance/LatentSync-1.5 / -1.6), the
-VAE from stabilityai/sd-vae-ft-mse, insightface buffalo_l from insightface's own model zoo. Without network
-access it fails within seconds, naming every missing file and how to provide it.
+VAE from stabilityai/sd-vae-ft-mse, insightface buffalo_l from insightface's own model zoo, GFPGAN v1.4 (face
+restoration, `download_enhance`) from its GitHub release. Without network access it fails within seconds,
+naming every missing file and how to provide it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .gfpgan import GFPGAN_URL, gfpgan_path, read_gfpgan_checkpoint
 from .presets import PRESETS, checkpoints_root
 
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
@@ -97,3 +100,38 @@ def download(version: str, root: str | Path | None = None) -> list[Path]:
     if still:
         raise DownloadError("download finished but files are still missing: " + ", ".join(map(str, still)))
     return sorted(required_files(version, root))
+
+
+def download_enhance(root: str | Path | None = None) -> Path:
+    """Download GFPGANv1.4.pth (face restoration) unless present; it must read as a GFPGAN checkpoint, so an
+    error page never lands in the checkpoints folder."""
+    return fetch_file(GFPGAN_URL, gfpgan_path(root), "GFPGAN v1.4", read_gfpgan_checkpoint,
+                      "Without it, leave face restoration off.")
+
+
+def fetch_file(url: str, path: Path, what: str, check: Callable[[Path], None] | None = None, hint: str = "") -> Path:
+    """Download `url` to `path` unless present, through a `.part` file that `check` (raising RuntimeError or
+    ValueError) accepts first; returns the path. Offline: a DownloadError within seconds naming both."""
+    if path.is_file():
+        return path
+    where = f"Download {url} on a machine with access and put it at {path}.{' ' + hint if hint else ''}"
+    if not _reachable(url):
+        raise DownloadError(f"cannot reach {urlparse(url).hostname} to fetch {what}. {where}")
+    import requests
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    try:
+        with requests.get(url, stream=True, timeout=30) as response:
+            response.raise_for_status()
+            with partial.open("wb") as out:
+                for block in response.iter_content(1 << 20):
+                    out.write(block)
+        if check is not None:
+            check(partial)
+    except (requests.RequestException, RuntimeError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"fetching {what} failed ({err}). {where}") from err
+    partial.replace(path)
+    return path
+
