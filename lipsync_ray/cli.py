@@ -293,18 +293,47 @@ def download(
     version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 (256 px) or 1.6 (512 px).")] = "1.6",
     root: Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints or $LIPSYNC_CHECKPOINTS).")] = None,
     enhance: Annotated[bool, typer.Option("--enhance", help="Also fetch GFPGAN v1.4 (GFPGANv1.4.pth, for face restoration).")] = False,
+    eval_model: Annotated[bool, typer.Option("--eval", help="Also fetch SyncNet v2 (syncnet_v2.model, the lip-sync scorer of `eval`).")] = False,
 ) -> None:
     """Download the published LatentSync checkpoints, whisper tiny, the VAE and insightface buffalo_l."""
-    from .models.download import DownloadError, download as fetch, download_enhance
+    from .models.download import DownloadError, download as fetch, download_enhance, download_syncnet
 
     try:
         if enhance:
             typer.echo(f"GFPGAN v1.4 ready at {download_enhance(root)}")
+        if eval_model:
+            typer.echo(f"SyncNet v2 ready at {download_syncnet(root)}")
         files = fetch(version, root)
     except (DownloadError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     typer.echo(f"LatentSync {version}: {len(files)} files ready under {files[0].parents[1] if files else root}")
+
+
+@app.command("eval")
+def eval_(
+    video: Annotated[Path, typer.Argument(help="A lip-synced video, or a folder of them (each scored against its own audio).")],
+    audio: Annotated[Optional[Path], typer.Argument(help="Audio to score against (default: the video's own track).")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="The original video (for a folder: a folder of originals of the same names): adds PSNR / SSIM outside the pasted face and the flicker at chunk seams.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON (for one video with the per-frame confidence).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of the per-frame confidence with chunk seams marked (for a folder: a folder of PNGs).")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="Write the scores as a Parquet table, a row per video.")] = None,
+    model: Annotated[str, typer.Option(help="syncnet-v2 (published weights: `lipsync-ray download --eval`) or tiny-random (random weights, for tests).")] = "syncnet-v2",
+    detector: Detector = "auto",
+    checkpoints: Checkpoints = None,
+    device: Device = "auto",
+    windows_per_chunk: Annotated[int, typer.Option(help="The run's --windows-per-chunk: where its chunk seams lie.")] = 8,
+    window_overlap: Annotated[int, typer.Option(help="The run's window overlap: how many frames each chunk seam crossfades.")] = 4,
+) -> None:
+    """Score lip sync with SyncNet: LSE-D (lower is better), LSE-C (higher is better) and the AV offset in frames,
+    the numbers of the LatentSync and Wav2Lip papers.
+
+    Exit codes: 0 ok, 1 some videos of a folder failed, 2 bad input or missing weights.
+    """
+    options = dict(locals())
+    from .eval import run_eval
+
+    raise typer.Exit(run_eval(**options))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Sources: the LatentSync U-Net and whisper tiny from the Hugging Face Hub (ByteDance/LatentSync-1.5 / -1.6), the
 VAE from stabilityai/sd-vae-ft-mse, insightface buffalo_l from insightface's own model zoo, GFPGAN v1.4 (face
-restoration, `download_enhance`) from its GitHub release. Without network access it fails within seconds,
-naming every missing file and how to provide it.
+restoration, `download_enhance`) from its GitHub release, SyncNet v2 (lip-sync scoring, `download_syncnet`) from
+its authors' site. Without network access it fails within seconds, naming every missing file and how to provide it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from urllib.parse import urlparse
 
 from .gfpgan import GFPGAN_URL, gfpgan_path, read_gfpgan_checkpoint
 from .presets import PRESETS, checkpoints_root
+from .syncnet import check_syncnet_file, syncnet_path
 
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
 VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 INSIGHTFACE_ZOO = "https://github.com/deepinsight/insightface/releases/download/model-zoo/buffalo_l.zip"
+SYNCNET_URL = "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"  # syncnet_python's download_model.sh
 
 
 class DownloadError(RuntimeError):
@@ -109,6 +111,13 @@ def download_enhance(root: str | Path | None = None) -> Path:
                       "Without it, leave face restoration off.")
 
 
+def download_syncnet(root: str | Path | None = None) -> Path:
+    """Download syncnet_v2.model (the lip-sync scorer of `lipsync-ray eval`) unless present; it must load
+    strictly, so an error page never lands in the checkpoints folder."""
+    return fetch_file(SYNCNET_URL, syncnet_path(root), "SyncNet v2", check_syncnet_file,
+                      "Without it, `lipsync-ray eval --model tiny-random` runs (random weights, meaningless scores).")
+
+
 def fetch_file(url: str, path: Path, what: str, check: Callable[[Path], None] | None = None, hint: str = "") -> Path:
     """Download `url` to `path` unless present, through a `.part` file that `check` (raising RuntimeError or
     ValueError) accepts first; returns the path. Offline: a DownloadError within seconds naming both."""
@@ -134,4 +143,3 @@ def fetch_file(url: str, path: Path, what: str, check: Callable[[Path], None] | 
         raise DownloadError(f"fetching {what} failed ({err}). {where}") from err
     partial.replace(path)
     return path
-
