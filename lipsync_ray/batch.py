@@ -39,7 +39,7 @@ import numpy as np
 from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import BatchConfig, LipSyncConfig
-from .media import MediaError
+from .media import MediaError, probe_video
 from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video
 
 
@@ -80,9 +80,12 @@ def plan_runs(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
     why the video cannot be planned)."""
     job = BatchConfig.model_validate_json(job_json)
     row = CatalogRow(**json.loads(record["row"]))
-    inputs = storage.InputCache(job.storage_options)
+    inputs = storage.InputCache(job.inputs, job.storage_options)
     try:
         cfg = _video_config(job.pipeline, row.params)
+        video = inputs.local(row.video, "video")  # fetched here so that errors name the input
+        inputs.local(row.audio, "audio")
+        storage.check_video(probe_video(video), job.inputs)  # before anything is decoded
         plan = plan_video(row.video, row.audio, cfg, inputs)
     except (MediaError, ValueError) as err:
         return [{"row": record["row"], "first": -1, "stop": -1, "chunks": 0, "error": str(err)}]
@@ -99,7 +102,7 @@ class PrepareActor:
     def __init__(self, job_json: str):
         lower_priority()  # Generate actors may share the node
         self.job = BatchConfig.model_validate_json(job_json)
-        self.inputs = storage.InputCache(self.job.storage_options)
+        self.inputs = storage.InputCache(self.job.inputs, self.job.storage_options)
         self.stage = Prepare(self.job.pipeline, self.inputs)
         self.stage.setup()
         self.plans = _Plans(self.inputs)
@@ -193,7 +196,7 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
     job = BatchConfig.model_validate_json(job_json)
     row = CatalogRow(**json.loads(row_json))
     cfg = _video_config(job.pipeline, row.params)
-    inputs = storage.InputCache(job.storage_options)
+    inputs = storage.InputCache(job.inputs, job.storage_options)
     start = time.perf_counter()
     try:
         stage = Compose(cfg, inputs)
@@ -232,7 +235,7 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
     """Run the job on the connected Ray cluster; returns (and writes) the manifest, one row per catalog row."""
     import ray
 
-    rows = read_catalog(job.catalog, job.output, job.storage_options)
+    rows = read_catalog(job.catalog, job.output, job.storage_options, job.output_prefixes)
     videos = {r.id: _Video(r) for r in rows}
     done: list[ManifestRow] = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,9 +31,13 @@ class CatalogRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def read_catalog(url: str, output_prefix: str, storage_options: dict[str, Any] | None = None) -> list[CatalogRow]:
+def read_catalog(
+    url: str, output_prefix: str, storage_options: dict[str, Any] | None = None, output_prefixes: tuple[str, ...] = ()
+) -> list[CatalogRow]:
     """Rows of `url` (.parquet, .csv, .jsonl/.json): columns video and audio, optional id, output and any of
-    ROW_PARAMETERS. Outputs default to `<output_prefix>/<id>.mp4`; ids default to the video's file name."""
+    ROW_PARAMETERS. Ids default to the video's file name and become safe object names (`storage.safe_name`);
+    outputs default to `<output_prefix>/<id>.mp4`, and a row's own output must be an .mp4 below `output_prefix` or
+    one of `output_prefixes`, outside hidden folders (the job's .staging)."""
     options = {"storage_options": storage_options} if not storage.is_local(url) else {}
     ext = os.path.splitext(url.rstrip("/"))[1].lower()
     try:
@@ -53,15 +58,26 @@ def read_catalog(url: str, output_prefix: str, storage_options: dict[str, Any] |
     for record in table.to_dict("records"):
         present = {k: v for k, v in record.items() if v is not None and v == v and v != ""}  # drop NaN and blanks
         video = str(present["video"])
-        rid = str(present.get("id") or os.path.splitext(os.path.basename(video))[0])
+        rid = storage.safe_name(str(present.get("id") or os.path.splitext(os.path.basename(video))[0]))
         params = {k: _number(present[k]) for k in ROW_PARAMETERS if k in present}
         output = str(present.get("output") or storage.join(output_prefix, f"{rid}.mp4"))
         rows.append(CatalogRow(rid, video, str(present["audio"]), output, params))
-    seen: set[str] = set()
-    dupes = {r.id for r in rows if r.id in seen or seen.add(r.id)}
-    if dupes:
-        raise CatalogError(f"{url}: duplicate ids {', '.join(sorted(dupes))} (add an id column)")
+    outside = [r.output for r in rows if not _output_allowed(r.output, (output_prefix, *output_prefixes))]
+    if outside:
+        raise CatalogError(f"{url}: outputs must be .mp4 files below {output_prefix}: not {', '.join(outside[:3])}")
+    for column, hint in (("id", " (add an id column)"), ("output", "")):
+        dupes = sorted(v for v, n in Counter(getattr(r, column) for r in rows).items() if n > 1)
+        if dupes:
+            raise CatalogError(f"{url}: duplicate {column}s {', '.join(dupes)}{hint}")
     return rows
+
+
+def _output_allowed(output: str, prefixes: tuple[str, ...]) -> bool:
+    for prefix in prefixes:
+        below = storage.below(output, prefix)
+        if below and below[-1].endswith(".mp4") and not any(s.startswith(".") for s in below):
+            return True
+    return False
 
 
 def _number(value: Any) -> Any:

@@ -79,6 +79,24 @@ class LipSyncConfig(BaseModel):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class InputPolicy(BaseModel):
+    """Which inputs a service or job accepts: the URL rules of `storage.check_url` and the video limits checked on
+    the probe, before anything is decoded (see the README's Security section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocols: tuple[str, ...] = Field(("s3", "gs", "https"), description="URL schemes read (add http for plain http)")
+    local_paths: bool = Field(False, description="local paths and file:// URLs")
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="http(s) hosts (name or IP, optionally :port) read whatever addresses they resolve to"
+    )
+    allow_private_networks: bool = Field(
+        False, description="http(s) hosts on private networks (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7); never loopback, link-local or metadata addresses"
+    )
+    max_video_pixels: int = Field(3840 * 2160, gt=0, description="largest video frame (width x height)")
+    max_video_frames: int = Field(90_000, gt=0, description="longest video in frames (an hour at 25 fps)")
+
+
 class BatchConfig(BaseModel):
     """The bulk job: where things are, how the actor pools scale, and the pipeline's own config."""
 
@@ -88,6 +106,13 @@ class BatchConfig(BaseModel):
     output: str
     pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
+    inputs: InputPolicy = Field(
+        default_factory=lambda: InputPolicy(local_paths=True),
+        description="what rows may read: local paths too by default, since the catalog is the operator's own",
+    )
+    output_prefixes: tuple[str, ...] = Field(
+        (), description="further prefixes a row's `output` may name (by default only places under `output`)"
+    )
     gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
     prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
     generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")

@@ -1,7 +1,11 @@
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -77,3 +81,63 @@ def cli_run_like_a_ray_worker(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "lipsync_ray.cli", "run", *args], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@contextmanager
+def loopback_http(folder: Path):
+    """A plain HTTP server on 127.0.0.1 for URL-fetch tests (yields its base URL): `/files/NAME` from `folder`,
+    `/redirect?to=URL` (302), `/stream?bytes=N` (chunked, no length given) and `/stall` (a few bytes, then
+    nothing until the server stops)."""
+    stop = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.close_connection = True  # one request per connection: nothing waits on a client that went away
+            url = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            try:
+                if url.path.startswith("/files/") and (folder / url.path[7:]).is_file():
+                    self._send(200, (folder / url.path[7:]).read_bytes())
+                elif url.path == "/redirect":
+                    self._send(302, b"", {"Location": query["to"]})
+                elif url.path == "/stream":
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for start in range(0, int(query["bytes"]), 65536):
+                        piece = bytes(min(65536, int(query["bytes"]) - start))
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                elif url.path == "/stall":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(bytes(10))
+                    self.wfile.flush()
+                    stop.wait()
+                else:
+                    self._send(404, b"")
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: what these tests want
+                pass
+
+        def _send(self, status, body, headers=None):
+            self.send_response(status)
+            for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()

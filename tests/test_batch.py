@@ -38,8 +38,9 @@ def bucket(s3_endpoint, tmp_path_factory):
         ("other", "other.mp4", "b12.wav"), ("corrupt", "corrupt.mp4", "a16.wav"), ("missing", "nowhere.mp4", "a16.wav"),
     ]
     catalog = pd.DataFrame([{"id": i, "video": f"s3://media/in/{v}", "audio": f"s3://media/in/{a}"} for i, v, a in rows])
+    catalog.loc[len(catalog)] = {"id": "chained", "video": "simplecache::s3://media/in/short.mp4", "audio": "s3://media/in/a16.wav"}
     catalog.loc[catalog.id == "other", "output"] = "s3://later/other.mp4"  # a bucket created only before the rerun
-    catalog["steps"] = [1, 1, 6, 1, 1, 1]  # a per-row parameter; the long video's chunks keep both GPU actors busy
+    catalog["steps"] = [1, 1, 6, 1, 1, 1, 1]  # a per-row parameter; the long video's chunks keep both GPU actors busy
     with fs.open("media/catalog.parquet", "wb") as f:
         catalog.to_parquet(f)
     return d
@@ -49,7 +50,7 @@ def _job(**kw):
     return BatchConfig(
         catalog="s3://media/catalog.parquet", output="s3://media/out", pipeline=LipSyncConfig(**PIPELINE),
         prepare_actors=(2, 2), generate_actors=(2, 2), chunks_per_batch=1,
-        chunks_per_prepare=2, **kw,  # the long video: several runs of two chunks
+        chunks_per_prepare=2, output_prefixes=("s3://later",), **kw,  # the long video: several runs of two chunks
     )
 
 
@@ -69,12 +70,13 @@ def _download(url, tmp_path):
 def test_outputs_and_manifest(first_run, tmp_path):
     manifest, finished = first_run
     status = {k: m.status for k, m in manifest.items()}
-    assert status == {"short": "ok", "thirty": "ok", "long": "ok", "other": "failed", "corrupt": "failed", "missing": "failed"}
+    assert status == {"short": "ok", "thirty": "ok", "long": "ok", "other": "failed", "corrupt": "failed", "missing": "failed", "chained": "failed"}
     assert "corrupt.mp4" in manifest["corrupt"].error
-    assert "s3://media/in/nowhere.mp4: no such object" in manifest["missing"].error
+    assert "video: s3://media/in/nowhere.mp4: no such object" in manifest["missing"].error
+    assert manifest["chained"].error == "video: simplecache::s3://media/in/short.mp4: chained URLs (::) are not accepted"
     assert "s3://later/other.mp4" in manifest["other"].error
     stored = read_manifest("s3://media/out/manifest.parquet").set_index("id")
-    assert list(stored.index) == ["short", "thirty", "long", "other", "corrupt", "missing"]
+    assert list(stored.index) == ["short", "thirty", "long", "other", "corrupt", "missing", "chained"]
     assert stored.loc["long", "status"] == "ok" and stored.loc["long", "frames"] == 70
     for vid, frames in [("short", 40), ("thirty", 40), ("long", 70)]:
         m = manifest[vid]
@@ -98,6 +100,7 @@ def test_rerun_skips_finished_videos_and_reuses_finished_chunks(first_run, ray_l
     manifest = {m.id: m for m in run_batch(_job())}
     assert {k: m.status for k, m in manifest.items()} == {
         "short": "skipped", "thirty": "skipped", "long": "skipped", "other": "ok", "corrupt": "failed", "missing": "failed",
+        "chained": "failed",
     }
     other = manifest["other"]
     assert other.chunks_reused == other.chunks == first_run[0]["other"].chunks  # only compose ran again
