@@ -6,15 +6,20 @@
 
 A request's chunks fan out over the Prepare and Generate replicas in parallel and come back to the same stitching
 as `lipsync-ray run`, so a request gives the same frames as the CLI for the same input and seed. Overload is
-answered with 503 and Retry-After by Serve's bounded queues; bad input with a 4xx JSON error naming the field.
+answered with 503 and Retry-After by Serve's bounded queues; bad input with a 4xx JSON error naming the field, a
+fault of ours with a 5xx JSON error that says no more than that. Inputs are received or fetched under the input
+policy (`receive`, `storage.check_url`): uploads are cut off while they stream, URLs are checked host and redirect.
 `build_app(args)` is the import path that `serve deploy`, KubeRay's RayService and `lipsync-ray serve` use.
 """
 
 import asyncio
 import hashlib
+import hmac
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,13 +29,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 from starlette.background import BackgroundTask
 
-from . import storage
-from .config import LipSyncConfig
+from . import receive, storage
+from .config import InputPolicy, LipSyncConfig
 from .media import MediaError, probe_video
 from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video
 
@@ -41,11 +47,12 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
-    api_key: str | None = Field(None, description="required X-API-Key header; default $LIPSYNC_API_KEY, unset = open")
-    max_upload_bytes: int = Field(200 * 2**20, description="per uploaded or fetched file")
+    api_key: SecretStr | None = Field(None, description="required X-API-Key header; default $LIPSYNC_API_KEY, unset = open")
+    inputs: InputPolicy = Field(default_factory=InputPolicy, description="which URLs are fetched, video size limits")
+    max_upload_bytes: int = Field(200 * 2**20, gt=0, description="per uploaded or fetched file, enforced while it streams")
+    input_timeout_s: float = Field(120.0, gt=0, description="time to receive a request's inputs (upload or fetch); then 408")
     max_sync_seconds: float = Field(60.0, description="longest output (audio) for POST /v1/lipsync; longer: /v1/jobs")
     max_job_seconds: float = Field(600.0, description="longest output for POST /v1/jobs")
-    max_pixels: int = Field(3840 * 2160, description="largest video frame (width x height)")
     output_prefix: str | None = Field(None, description="async results are uploaded here and returned as URLs")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     work_dir: str | None = Field(None, description="temporary files (default: the system temp dir)")
@@ -57,34 +64,63 @@ class ServeConfig(BaseModel):
     retry_after_s: int = 5
 
 
+log = logging.getLogger("ray.serve")
+
+
 class InputError(Exception):
-    """A client error: HTTP `status` with the offending `field` named."""
+    """A request that fails: HTTP `status` with the offending `field` named (none for a fault of ours)."""
 
     def __init__(self, status: int, field_name: str, message: str):
         super().__init__(message)
         self.status, self.field, self.message = status, field_name, message
 
 
-def _error(status: int, field_name: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status)
+def _error(status: int, field_name: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status, headers=headers)
+
+
+def _invalid(err: ValidationError) -> InputError:
+    first = err.errors()[0]
+    return InputError(422, ".".join(map(str, first["loc"])) or "body", first["msg"])
+
+
+def _input_error(err: Exception) -> InputError:
+    """What the client is told about `err`: its own error as it is, a fault of ours in a few generic words (the
+    details go to the replica's log)."""
+    if isinstance(err, InputError):
+        return err
+    if isinstance(err, storage.InputRefused):
+        status = 413 if isinstance(err, storage.InputTooLarge) else 408 if isinstance(err, storage.InputTimeout) else 422
+        return InputError(status, err.field, err.message)
+    if isinstance(err, RayActorError):  # a Prepare or Generate replica went away: it is replaced
+        return InputError(503, "", "temporarily unavailable, try again")
+    cause = getattr(err, "cause", err)  # a stage's own exception, inside Ray's RayTaskError
+    if isinstance(cause, MediaError):
+        log.warning("a stage could not decode an input: %s", cause)
+        return InputError(422, "video", "the video or audio cannot be decoded")
+    log.error("request failed", exc_info=err)
+    return InputError(500, "", "internal error")
 
 
 class _LocalInputs:
-    """Inputs shipped as bytes (ObjectRefs) and written once per replica, keyed by their digest."""
+    """Inputs shipped as bytes (ObjectRefs) and written once per replica, keyed by their digest. Serve calls
+    Prepare from several threads: a file is written whole before another thread can see it."""
 
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="lipsync-serve-"))
         self._recent: list[Path] = []
+        self._lock = threading.Lock()
 
     def path(self, name: str, digest: str, data: bytes | None) -> str:
         target = self.root / digest / name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            self._recent.append(target.parent)
-            for old in self._recent[:-8]:
-                shutil.rmtree(old, ignore_errors=True)
-            self._recent = self._recent[-8:]
+        with self._lock:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                self._recent.append(target.parent)
+                for old in self._recent[:-8]:
+                    shutil.rmtree(old, ignore_errors=True)
+                self._recent = self._recent[-8:]
         return str(target)
 
 
@@ -106,9 +142,10 @@ class PrepareDeployment:
         cfg = LipSyncConfig.model_validate({**self.cfg.model_dump(), **params})
         paths = [self.inputs.path(*item) for item in (video, audio)]
         key = video[1] + audio[1]
-        if key not in self.plans:
-            self.plans = {key: plan_video(*paths, cfg)}  # chunks of one request arrive together
-        plan = self.plans[key]
+        plan = self.plans.get(key)
+        if plan is None:  # chunks of a request arrive together; other threads may be on other requests
+            plan = plan_video(*paths, cfg)
+            self.plans = dict([*list(self.plans.items())[-3:], (key, plan)])
         return self.stage(plan, plan.chunks[chunk], cfg)
 
 
@@ -172,7 +209,8 @@ def _shipment(path: str) -> tuple[str, str, bytes]:
 class LipSyncAPI:
     def __init__(self, config: dict, prepare, generate):
         self.config = ServeConfig.model_validate(config)
-        self.api_key = self.config.api_key or os.environ.get("LIPSYNC_API_KEY") or None
+        key = self.config.api_key.get_secret_value() if self.config.api_key else os.environ.get("LIPSYNC_API_KEY")
+        self.api_key = key.encode() if key else None
         self.prepare, self.generate = prepare, generate
         self.work = Path(tempfile.mkdtemp(prefix="lipsync-requests-", dir=self.config.work_dir))
         self.compose = Compose(self.config.pipeline)
@@ -194,8 +232,8 @@ class LipSyncAPI:
     async def readyz(self) -> JSONResponse:
         try:
             await asyncio.wait_for(asyncio.gather(self.prepare.ready.remote(), self.generate.ready.remote()), timeout=5)
-        except Exception as err:  # noqa: BLE001 - any failure means not ready
-            return JSONResponse({"ready": False, "error": type(err).__name__}, status_code=503)
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse({"ready": True})
 
     # --- sync -------------------------------------------------------------------------------------------
@@ -211,13 +249,11 @@ class LipSyncAPI:
             video, audio, params = await self._inputs(request, folder)
             out = folder / "out.mp4"
             frames = await self._run(video, audio, params, out, self.config.max_sync_seconds, None)
-        except InputError as err:
+        except BaseException as err:
             shutil.rmtree(folder, ignore_errors=True)
-            self.requests.inc(tags={"route": "lipsync", "status": str(err.status)})
-            return _error(err.status, err.field, err.message)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            if not isinstance(err, Exception):  # cancelled: the client went away
+                raise
+            return self._failed("lipsync", err)
         seconds = time.perf_counter() - start
         self.requests.inc(tags={"route": "lipsync", "status": "200"})
         self.latency.observe(seconds, tags={"route": "lipsync"})
@@ -239,10 +275,11 @@ class LipSyncAPI:
             self._authorise(request)
             video, audio, params = await self._inputs(request, folder)
             await asyncio.to_thread(self._check_media, video, audio, self.config.max_job_seconds)
-        except InputError as err:
+        except BaseException as err:
             shutil.rmtree(folder, ignore_errors=True)
-            self.requests.inc(tags={"route": "jobs", "status": str(err.status)})
-            return _error(err.status, err.field, err.message)
+            if not isinstance(err, Exception):
+                raise
+            return self._failed("jobs", err)
         self._expire()
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._job(job, video, audio, params, folder))
@@ -287,11 +324,9 @@ class LipSyncAPI:
             else:
                 job.result = str(out)
             job.status = "done"
-        except InputError as err:
-            job.status, job.error = "failed", {"field": err.field, "message": err.message}
-            shutil.rmtree(folder, ignore_errors=True)
         except Exception as err:  # noqa: BLE001 - the job fails, the replica lives on
-            job.status, job.error = "failed", {"field": "", "message": f"{type(err).__name__}: {err}"}
+            failure = _input_error(err)
+            job.status, job.error = "failed", {"field": failure.field, "message": failure.message}
             shutil.rmtree(folder, ignore_errors=True)
 
     # --- the work ---------------------------------------------------------------------------------------
@@ -308,7 +343,7 @@ class LipSyncAPI:
 
         items = await asyncio.gather(*(one(c.index) for c in plan.chunks))
         if not any(item.flags.any() for item in items) and cfg.on_no_face == "error":
-            raise InputError(422, "video", f"video/{Path(video).name}: no face found in any frame")
+            raise InputError(422, "video", f"{Path(video).name}: no face found in any frame")
 
         def progress(n: int) -> None:
             if job:
@@ -317,16 +352,15 @@ class LipSyncAPI:
         try:
             return await asyncio.to_thread(self.compose, plan, items, out, progress)
         except MediaError as err:  # a stream that probes fine but does not decode
-            raise InputError(422, "video", str(err).replace(str(Path(video).parents[1]) + "/", "")) from None
+            raise InputError(422, "video", str(err).replace(str(Path(video).parent) + "/", "")) from None
 
     def _check_media(self, video: str, audio: str, max_seconds: float, cfg: LipSyncConfig | None = None):
-        folder = str(Path(video).parents[1]) + "/"  # errors name the client's file, not our folders
+        folder = str(Path(video).parent) + "/"  # errors name the input (video.mp4), not our folders
         try:
             info = probe_video(video)
         except MediaError as err:
             raise InputError(422, "video", str(err).replace(folder, "")) from None
-        if info.width * info.height > self.config.max_pixels:
-            raise InputError(413, "video", f"{info.width}x{info.height} is larger than {self.config.max_pixels} pixels")
+        storage.check_video(info, self.config.inputs)
         try:
             plan = plan_video(video, audio, cfg or self.config.pipeline)
         except MediaError as err:
@@ -342,8 +376,15 @@ class LipSyncAPI:
             shutil.rmtree(self.work / job.id, ignore_errors=True)
             del self.jobs[job.id]
 
+    def _failed(self, route: str, err: Exception) -> JSONResponse:
+        failure = _input_error(err)
+        self.requests.inc(tags={"route": route, "status": str(failure.status)})
+        retry = {"Retry-After": str(self.config.retry_after_s)} if failure.status == 503 else None
+        return _error(failure.status, failure.field, failure.message, retry)
+
     def _authorise(self, request: Request) -> None:
-        if self.api_key and request.headers.get("x-api-key") != self.api_key:
+        """The key is compared in constant time and never repeated in answers or logs."""
+        if self.api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), self.api_key):
             raise InputError(401, "X-API-Key", "missing or wrong API key")
 
     def _job_or_404(self, job_id: str) -> _Job:
@@ -352,54 +393,28 @@ class LipSyncAPI:
         return self.jobs[job_id]
 
     async def _inputs(self, request: Request, folder: Path) -> tuple[str, str, dict]:
-        """Save the two inputs under `folder` (uploads or URLs) and collect the per-request parameters."""
-        limit = self.config.max_upload_bytes
+        """Save the two inputs in `folder` under fixed names (uploads or URLs) and collect the per-request
+        parameters, all within `input_timeout_s`."""
+        deadline = time.monotonic() + self.config.input_timeout_s
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            paths = []
-            for name in ("video", "audio"):
-                upload = form.get(name)
-                if upload is None or not hasattr(upload, "read"):
-                    raise InputError(422, name, "missing file field")
-                data = await upload.read()
-                if len(data) > limit:
-                    raise InputError(413, name, f"{len(data)} bytes is more than the {limit} allowed")
-                path = folder / name / (Path(upload.filename or name).name[-100:] or name)  # the client's name
-                path.parent.mkdir()
-                path.write_bytes(data)
-                paths.append(str(path))
-            raw = {k: v for k, v in form.items() if k not in ("video", "audio")}
+            files, raw = await receive.multipart(request, folder, ("video", "audio"), self.config.max_upload_bytes, deadline)
+            paths = [str(files["video"]), str(files["audio"])]
         else:
             try:
-                body = JobRequest.model_validate(await request.json())
-            except ValueError as err:
-                errors = getattr(err, "errors", lambda: [{"loc": ["body"], "msg": "expected multipart files or a JSON body"}])()
-                raise InputError(422, ".".join(map(str, errors[0]["loc"])) or "body", errors[0]["msg"]) from None
+                body = JobRequest.model_validate(await receive.json_body(request, deadline))
+            except ValidationError as err:
+                raise _invalid(err) from None
             paths = [
-                await asyncio.to_thread(self._fetch, url, folder / name, name, limit)
+                await asyncio.to_thread(self._fetch, url, folder, name, deadline)
                 for name, url in (("video", body.video_url), ("audio", body.audio_url))
             ]
             raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
         return paths[0], paths[1], self._params(raw)
 
-    def _fetch(self, url: str, target: Path, name: str, limit: int) -> str:
-        if storage.is_local(url):
-            raise InputError(422, f"{name}_url", f"{url}: only remote URLs (s3://, gs://, https://...) are fetched")
-        try:
-            fs, path = storage.filesystem(url, self.config.storage_options)
-            size = fs.size(path)
-            if size is not None and size > limit:
-                raise InputError(413, f"{name}_url", f"{url}: {size} bytes is more than the {limit} allowed")
-            target.mkdir()
-            local = target / Path(path).name[-100:]
-            fs.get_file(path, str(local))
-            return str(local)
-        except FileNotFoundError:
-            raise InputError(422, f"{name}_url", f"{url}: no such object") from None
-        except InputError:
-            raise
-        except Exception as err:  # noqa: BLE001 - unknown protocol, unreachable host, bad bucket
-            raise InputError(422, f"{name}_url", f"{url}: cannot be fetched ({type(err).__name__})") from None
+    def _fetch(self, url: str, folder: Path, name: str, deadline: float) -> str:
+        target = folder / (name + storage.safe_suffix(url))
+        storage.fetch(url, target, f"{name}_url", self.config.inputs, self.config.storage_options, self.config.max_upload_bytes, deadline)
+        return str(target)
 
     def _params(self, raw: dict) -> dict:
         allowed = {"steps", "guidance", "seed", "face"}
@@ -408,9 +423,8 @@ class LipSyncAPI:
             raise InputError(422, sorted(unknown)[0], "unknown parameter")
         try:
             merged = LipSyncConfig.model_validate({**self.config.pipeline.model_dump(), **raw})
-        except ValueError as err:
-            first = err.errors()[0]
-            raise InputError(422, ".".join(map(str, first["loc"])) or "body", first["msg"]) from None
+        except ValidationError as err:
+            raise _invalid(err) from None
         return {k: getattr(merged, k) for k in raw}
 
 
