@@ -1,11 +1,16 @@
-"""Strict loading of published LatentSync U-Net checkpoints (`latentsync_unet.pt`)."""
+"""Where checkpoints live, and strict loading of published LatentSync U-Net checkpoints (`latentsync_unet.pt`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+def checkpoints_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("LIPSYNC_CHECKPOINTS", "checkpoints"))
 
 
 class CheckpointMismatchError(RuntimeError):

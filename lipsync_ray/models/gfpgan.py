@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointMismatchError, load_state_dict_strict
-from .presets import checkpoints_root
+from .checkpoint import CheckpointMismatchError, checkpoints_root, load_state_dict_strict
 
 GFPGAN_FILE = Path("gfpgan") / "GFPGANv1.4.pth"  # under the checkpoints root
 GFPGAN_URL = "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.4/GFPGANv1.4.pth"

@@ -10,7 +10,6 @@ Checkpoint layout under the checkpoints root (default ./checkpoints, or $LIPSYNC
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from whisper.model import ModelDimensions
 
 from ..audio import WhisperFeatureEncoder
+from .checkpoint import checkpoints_root
 from .unet import UNet3DConditionModel
 from .vae import fuse_vae
 
@@ -37,10 +37,6 @@ def load_unet_config(name: str) -> dict[str, Any]:
     """The `model:` section of a U-Net yaml under configs/unet (a file name) or at a path."""
     path = Path(name) if Path(name).is_file() else config_path("unet", name)
     return yaml.safe_load(path.read_text())["model"]
-
-
-def checkpoints_root(root: str | Path | None = None) -> Path:
-    return Path(root or os.environ.get("LIPSYNC_CHECKPOINTS", "checkpoints"))
 
 
 @dataclass(frozen=True)

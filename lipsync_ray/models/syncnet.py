@@ -17,8 +17,7 @@ import scipy.fft
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMismatchError, load_state_dict_strict
-from .presets import checkpoints_root
+from .checkpoint import CheckpointMismatchError, checkpoints_root, load_state_dict_strict
 
 EMBEDDING = 1024
 LIP_FRAMES = 5  # video frames per lip window (0.2 s at 25 fps)
