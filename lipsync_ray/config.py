@@ -62,8 +62,7 @@ class LipSyncConfig(BaseModel):
     def resolved_prepare_workers(self) -> int:
         """Worker processes keep Prepare's Python off the GIL that the thread launching the GPU's kernels needs;
         on a CPU, or with few cores, they only compete with the other stages. With 16 cores 4 workers prepare the
-        first chunk sooner than 2 (H100, 256 px, DeepCache 3, 10 s clip: 43.5 against 41.1 fps end to end, the
-        GPU's wait for its first chunk 0.5 against 0.8 s, for 3 GiB more host memory)."""
+        first chunk sooner than 2, for more host memory (docs/performance.md)."""
         if self.prepare_workers is not None:
             return self.prepare_workers
         cores = os.cpu_count() or 1

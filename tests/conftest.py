@@ -12,6 +12,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+SCRIPTS = Path(__file__).parent / "scripts"  # run in subprocesses by the tests
 
 # test clusters run on 127.0.0.1 and without Ray 2.60's token auth (it turns itself on once ~/.ray/auth_token exists); set before ray loads
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

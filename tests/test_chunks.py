@@ -12,7 +12,7 @@ from lipsync_ray.config import LipSyncConfig
 from lipsync_ray.media import probe_video
 from lipsync_ray.stages import Generate, Prepare, assemble, plan_video, split, stitch
 
-from .conftest import DATA, MARK, ffmpeg as _ffmpeg, marks_shown
+from .conftest import DATA, MARK, SCRIPTS, ffmpeg as _ffmpeg, marks_shown
 
 TINY = dict(model="tiny-random", steps=2, detector="offline")
 
@@ -102,18 +102,6 @@ def test_30_fps_input_is_resampled_and_ping_ponged(media, tmp_path):
     np.testing.assert_array_equal(marks_shown(out), expected)
 
 
-MEMORY_PROBE = """
-import os, sys
-from lipsync_ray.config import LipSyncConfig
-from lipsync_ray.pipeline import LipSyncPipeline
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
-pipeline = LipSyncPipeline(LipSyncConfig(model="tiny-random", steps=1, detector="offline", windows_per_chunk=4))
-trace = []
-result = pipeline.run(sys.argv[1], sys.argv[2], sys.argv[3], progress=lambda n: trace.extend([rss()] * n))
-print(result.frames, *trace)
-"""
-
-
 def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     """Resident memory after every written frame of a 28 s 360x640 video (11 chunks): no higher at the end than
     halfway, where upstream's grows with every frame it holds (about 0.7 MiB per frame here, over 200 MiB between
@@ -122,7 +110,7 @@ def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     video, audio = tmp_path / "long.mp4", tmp_path / "long.wav"
     _ffmpeg("-stream_loop", "-1", "-i", str(DATA / "demo1_video.mp4"), "-t", "28", "-vf", "scale=360:640", "-c:v", "libx264", "-preset", "ultrafast", "-an", str(video))
     _ffmpeg("-stream_loop", "-1", "-i", str(DATA / "demo1_audio.wav"), "-t", "28", str(audio))
-    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(video), str(audio), str(tmp_path / "o.mp4")], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(SCRIPTS / "memory_probe.py"), str(video), str(audio), str(tmp_path / "o.mp4")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     frames, *trace = map(int, run.stdout.split())
     assert frames == len(trace) == 700

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lipsync_ray.models import CheckpointMismatchError, UNet3DConditionModel
 from lipsync_ray.models.presets import load_unet_config
 
-from .conftest import DATA, load_fixture
+from .conftest import DATA, SCRIPTS, load_fixture
 
 
 def _contract_keys(name):
@@ -190,37 +190,15 @@ def test_frame_batch_group_norm_matches_native_group_norm(dtype, per_frame):
 # Runs in a subprocess: Triton reads TRITON_INTERPRET when its kernels are defined. Inputs are laid out as the
 # motion modules pass them, (pixel, head) pairs strided inside the frame batch; frame counts and head dims include
 # ones that tl.dot must pad (5 frames, head dim 40 and 80).
-FRAME_KERNEL_CHECK = r"""
-import torch
-import torch.nn.functional as F
-from lipsync_ray.models import frame_attention as kernel
-from lipsync_ray.models.blocks import TemporalSelfAttention
-
-torch.manual_seed(0)
-worst = 0.0
-for clips, pixels, heads, frames, dim in [(2, 6, 8, 16, 40), (1, 5, 2, 5, 80), (1, 3, 2, 16, 160)]:
-    x = torch.randn(clips, frames, pixels, 3, heads * dim).half()
-    q, k, v = (x[:, :, :, i].reshape(clips, frames, pixels * heads, dim).transpose(1, 2) for i in range(3))
-    assert kernel.supported(q)
-    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    worst = max(worst, (kernel.attention(q, k, v).float() - expected).abs().max().item())
-attention = TemporalSelfAttention(80, 2, max_len=24)
-tokens = torch.randn(2 * 16, 6, 80)
-expected = attention(tokens, 16)  # float32: SDPA
-module = (attention.half()(tokens.half(), 16).float() - expected).abs().max().item() / expected.abs().max().item()
-print(worst, module)
-"""
-
-
-def _interpreted(check: str) -> list[float]:
-    """Runs `check` under Triton's CPU interpreter; the numbers it prints."""
+def _interpreted(script: str) -> list[float]:
+    """Runs tests/scripts/`script` under Triton's CPU interpreter; the numbers it prints."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", check], env={**os.environ, "TRITON_INTERPRET": "1"},
+        [sys.executable, str(SCRIPTS / script)], env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -228,7 +206,7 @@ def _interpreted(check: str) -> list[float]:
 
 
 def test_frame_attention_kernel_matches_sdpa():
-    worst, module = _interpreted(FRAME_KERNEL_CHECK)
+    worst, module = _interpreted("frame_kernel_check.py")
     assert worst < 4e-3  # fp16 rounding of outputs up to ~3
     assert module < 1e-2  # the whole fp16 module against float32
 
@@ -237,82 +215,8 @@ def test_frame_attention_kernel_matches_sdpa():
 # are not powers of two, statistics over whole clips and per frame, with and without SiLU and a frame bias.
 # LayerNorm with and without the residual add and the positions by frame; GEGLU; residual add + channel bias; then
 # whole fp16 blocks (kernels) and the fused VAE against float32 (PyTorch).
-FUSED_KERNELS_CHECK = r"""
-import json
-import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL
-from lipsync_ray.models import fused
-from lipsync_ray.models.presets import config_path
-from lipsync_ray.models.vae import fuse_vae
-from lipsync_ray.models.blocks import AudioTransformerBlock, ResnetBlock3D, TemporalTransformerBlock, to_frame_batch
-
-torch.manual_seed(0)
-
-
-def error(out, ref):  # relative to fp16 rounding
-    return ((out.double() - ref).abs() / (1 + ref.abs())).max().item()
-
-
-worst = 0.0
-for b, c, f, h, w, groups, frames, silu, with_bias in [
-    (2, 64, 4, 6, 5, 32, 4, False, False), (1, 96, 4, 3, 7, 32, 1, True, False), (2, 40, 3, 4, 4, 8, 3, True, True)
-]:
-    x = to_frame_batch(torch.randn(b, c, f, h, w) + 20 * torch.randn(1, c, 1, 1, 1)).half()
-    weight, bias = (torch.randn(c) * 0.2 + 1).half(), (torch.randn(c) * 0.2).half()
-    frame_bias = torch.randn(b * f, c).half() if with_bias else None
-    assert fused.supported(x)
-    out = fused.group_norm(x, weight, bias, groups, 1e-5, frames, silu, frame_bias)
-    assert out.dtype == x.dtype and out.stride() == x.stride()
-    ref = x.double() + (frame_bias.double()[:, :, None, None] if with_bias else 0)
-    ref = ref.reshape(b * f // frames, frames, c, h, w).transpose(1, 2)
-    ref = F.group_norm(ref, groups, weight.double(), bias.double(), 1e-5).transpose(1, 2).reshape(b * f, c, h, w)
-    worst = max(worst, error(out, F.silu(ref) if silu else ref))
-for with_delta in (False, True):
-    x, delta = torch.randn(3, 7, 80).half() + 5, torch.randn(3, 7, 80).half()
-    weight, bias = (torch.randn(80) * 0.2 + 1).half(), (torch.randn(80) * 0.2).half()
-    total, out = fused.add_layer_norm(x, delta if with_delta else None, weight, bias, 1e-5)
-    expected = x + delta if with_delta else x
-    assert torch.equal(total, expected)
-    worst = max(worst, error(out, F.layer_norm(expected.double(), (80,), weight.double(), bias.double(), 1e-5)))
-x, frame_bias = torch.randn(2 * 3, 5, 80).half(), torch.randn(3, 80).half()  # positions added by frame
-weight, bias = (torch.randn(80) * 0.2 + 1).half(), (torch.randn(80) * 0.2).half()
-_, out = fused.add_layer_norm(x, None, weight, bias, 1e-5, frame_bias)
-expected = F.layer_norm(x.double(), (80,), weight.double(), bias.double(), 1e-5).reshape(2, 3, 5, 80)
-worst = max(worst, error(out, (expected + frame_bias.double()[:, None]).reshape(6, 5, 80)))
-x, h = (to_frame_batch(torch.randn(1, 48, 3, 5, 4)).half() for _ in range(2))
-bias = torch.randn(48).half()
-worst = max(worst, error(fused.add_bias(x, h, bias), x.double() + h.double() + bias.double()[:, None, None]))
-value, gate = torch.randn(5, 300).half() * 3, torch.randn(5, 300).half() * 3
-worst = max(worst, error(fused.geglu(value, gate), value.double() * F.gelu(gate.double())))
-module = 0.0
-for block, inputs in [
-    (ResnetBlock3D(64, 96, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
-    (ResnetBlock3D(64, 64, 32, groups=32, eps=1e-6), (to_frame_batch(torch.randn(1, 64, 4, 5, 6)), torch.randn(4, 32), 4)),
-    (AudioTransformerBlock(64, 2, 48), (torch.randn(4, 30, 64), torch.randn(4, 7, 48))),
-    (TemporalTransformerBlock(64, 2, 2, 24), (torch.randn(2 * 8, 6, 64), 8)),
-]:
-    expected = block(*inputs)  # float32: the PyTorch forms
-    half = block.half()(*(t.half() if isinstance(t, torch.Tensor) else t for t in inputs)).float()
-    module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-calls, adds = [], []  # the VAE's fused norms and residual adds run, not their PyTorch fallbacks
-group_norm, add_bias = fused.group_norm, fused.add_bias
-fused.group_norm = lambda *args, **kwargs: calls.append(1) or group_norm(*args, **kwargs)
-fused.add_bias = lambda *args: adds.append(1) or add_bias(*args)
-vae = fuse_vae(AutoencoderKL.from_config(json.loads(config_path("vae", "tiny-random.json").read_text())).eval())
-x = (torch.rand(2, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
-with torch.no_grad():
-    expected = vae.decode(vae.encode(x).latent_dist.mode()).sample  # float32: PyTorch's GroupNorm and SiLU
-    assert not calls and not adds
-    vae.half()
-    half = vae.decode(vae.encode(x.half()).latent_dist.mode()).sample.float()
-module = max(module, (half - expected).abs().max().item() / expected.abs().max().item())
-print(worst, module, len(calls), len(adds))
-"""
-
-
 def test_fused_kernels_match_float64():
-    worst, module, vae_norms, vae_adds = _interpreted(FUSED_KERNELS_CHECK)
+    worst, module, vae_norms, vae_adds = _interpreted("fused_kernels_check.py")
     assert worst < 1e-3  # fp16 rounding: half an ulp is 4.9e-4 relative
     assert module < 1e-2  # whole fp16 blocks and the VAE (kernels) against float32 (PyTorch forms)
     assert vae_norms == 2 * (4 + 2 + 4 * 2 + 2) + 2  # tiny VAE: 1 and 2 ResNets per level, 2 in each mid block
