@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,12 @@ def load_fixture(name: str):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ffmpeg(*args: str) -> None:

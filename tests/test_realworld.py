@@ -8,7 +8,9 @@ says what it shows. Output frame j must show the frame on screen at j/25 s."""
 
 import json
 import subprocess
+import time
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,7 +21,7 @@ from lipsync_ray.cli import app
 from lipsync_ray.config import BatchConfig, LipSyncConfig
 from lipsync_ray.media import FrameReader, MediaError, probe_video
 
-from .conftest import DATA, MARK, ffmpeg, marks_shown
+from .conftest import DATA, MARK, ffmpeg, free_port, marks_shown
 
 ARGS = ["--model", "tiny-random", "--steps", "1", "--detector", "offline"]
 OUT_FRAMES = 40  # the 1.6 s of target speech
@@ -198,3 +200,39 @@ def test_the_corpus_through_one_bulk_job(ray_local, corpus, tmp_path):
     for name in RUN_CASES:
         assert manifest[name].status == "ok", (name, manifest[name].error)
         assert marks_shown(manifest[name].output) == expected_marks(cli_truth(files[name])), name
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from lipsync_ray.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"pipeline": {"model": "tiny-random", "steps": 1, "detector": "offline"}, "gpu": False,
+                     "work_dir": str(tmp_path_factory.mktemp("serve_work")), "prepare_replicas": (1, 1), "generate_replicas": (1, 1)})
+    serve.run(app, name="realworld", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
+            break
+        time.sleep(1)
+    yield base
+    serve.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["webm_vp9_30fps", "vfr", "timestamp_gap", "rotated_90", "hevc_10bit"])
+def test_the_corpus_through_serve(service, corpus, name, tmp_path):
+    d, files = corpus
+    response = httpx.post(f"{service}/v1/lipsync", timeout=300, files={
+        "video": (files[name].name, files[name].read_bytes(), "application/octet-stream"),
+        "audio": ("speech.wav", (d / "speech.wav").read_bytes(), "audio/wav"),
+    })
+    assert response.status_code == 200, response.text
+    out = tmp_path / "out.mp4"
+    out.write_bytes(response.content)
+    source, info = probe_video(files[name]), probe_video(out)
+    assert (info.frames, info.width, info.height, info.rotation) == (OUT_FRAMES, source.width, source.height, 0)
+    assert marks_shown(out) == expected_marks(cli_truth(files[name]))
