@@ -47,10 +47,6 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _video_config(base: LipSyncConfig, params: dict[str, Any]) -> LipSyncConfig:
-    return LipSyncConfig.model_validate({**base.model_dump(), **params})
-
-
 def _stage_prefix(job: BatchConfig, row: CatalogRow, cfg: LipSyncConfig) -> str:
     """Where a video's generated chunks wait for Compose; the key changes with anything that changes them."""
     key = hashlib.sha1(json.dumps([row.video, row.audio, cfg.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
@@ -82,7 +78,7 @@ def plan_runs(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
     row = CatalogRow(**json.loads(record["row"]))
     inputs = storage.InputCache(job.inputs, job.storage_options)
     try:
-        cfg = _video_config(job.pipeline, row.params)
+        cfg = job.pipeline.with_params(row.params)
         video = inputs.local(row.video, "video")  # fetched here so that errors name the input
         inputs.local(row.audio, "audio")
         storage.check_video(probe_video(video), job.inputs)  # before anything is decoded
@@ -114,7 +110,7 @@ class PrepareActor:
                 yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False))
                 continue
             row = CatalogRow(**json.loads(record["row"]))
-            cfg = _video_config(self.job.pipeline, row.params)
+            cfg = self.job.pipeline.with_params(row.params)
             error = ""
             for chunk in range(first, stop):
                 # after a failed chunk the video has failed: the run's later chunks only carry the error on
@@ -153,7 +149,7 @@ class GenerateActor:
             faces, seconds, error = -1, 0.0, record["error"]
             if payload and not error:
                 row = CatalogRow(**json.loads(record["row"]))
-                cfg = _video_config(self.job.pipeline, row.params)
+                cfg = self.job.pipeline.with_params(row.params)
                 try:
                     prepared = pickle.loads(payload)
                     with self.gpu:
@@ -195,7 +191,7 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
     """One video's staged chunks -> the finished mp4 at its output URL (a Ray task, or called directly)."""
     job = BatchConfig.model_validate_json(job_json)
     row = CatalogRow(**json.loads(row_json))
-    cfg = _video_config(job.pipeline, row.params)
+    cfg = job.pipeline.with_params(row.params)
     inputs = storage.InputCache(job.inputs, job.storage_options)
     start = time.perf_counter()
     try:
@@ -332,7 +328,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
 
 
 def _video_complete(job, job_json, v: _Video, compose, pending, finish, stats) -> None:
-    cfg = _video_config(job.pipeline, v.row.params)
+    cfg = job.pipeline.with_params(v.row.params)
     no_face = v.faces == 0 and not stats[v.row.id]["reused"]  # reused chunks had faces counted last time
     if v.errors:
         stats.pop(v.row.id)

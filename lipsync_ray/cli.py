@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import BatchConfig
+from pydantic import BaseModel
+
+from .config import BatchConfig, LipSyncConfig
 
 app = typer.Typer(
     help="Lip-sync talking-head video to new audio with LatentSync, on one machine or a Ray cluster.",
@@ -16,33 +18,41 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Model and generation options shared by every command; each maps to a LipSyncConfig field of the same name.
-Model = Annotated[str, typer.Option(help="latentsync-1.5 (256 px), latentsync-1.6 (512 px), tiny-random, latentsync-1.x-random (benchmarks), or a U-Net .pt path.")]
-Resolution = Annotated[Optional[int], typer.Option(help="Face size in px (256 or 512) (default: the model's own).")]
-Steps = Annotated[int, typer.Option(help="Denoising steps.")]
-Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")]
-Seed = Annotated[int, typer.Option(help="Seed of the initial noise.")]
-Scheduler = Annotated[str, typer.Option(help="ddim (upstream) or dpm++.")]
-DeepCacheOpt = Annotated[int, typer.Option("--deepcache", help="DeepCache interval: 0 off, 3 = upstream's speed-up.")]
-Face = Annotated[str, typer.Option(help="Face to follow: largest, or its size rank (0 = largest).")]
-OnNoFace = Annotated[str, typer.Option(help="A video with no face at all: error, or passthrough (keep it).")]
-Detector = Annotated[str, typer.Option(help="auto (insightface when present, else offline), insightface, offline.")]
-AudioMode = Annotated[str, typer.Option(help="seamless, or upstream (hard 30 s Whisper windows).")]
-Checkpoints = Annotated[Optional[Path], typer.Option(help="Checkpoints folder (default: ./checkpoints).")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
-WindowsPerChunk = Annotated[int, typer.Option(help="16-frame windows per chunk, the unit of work a worker takes.")]
-Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the U-Net (GPU: slower first chunk, faster after).")]
-CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="GPU: replay the U-Net's steps as CUDA graphs.")]
-PrepareWorkers = Annotated[
-    Optional[int], typer.Option(help="Prepare (decode, faces, audio) in N worker processes; 0: a thread (default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0).")
-]
+def _help(name: str, model: type[BaseModel] = LipSyncConfig) -> str:
+    """A config field's description as option help."""
+    return f"{model.model_fields[name].description}."
+
+
+def _default(name: str, model: type[BaseModel] = LipSyncConfig):
+    """A config field's default as an option default (pairs as MIN,MAX text)."""
+    value = model.model_fields[name].default
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+# Model and generation options shared by every command; each is the LipSyncConfig field of the same name, which
+# holds its help and default.
+Model = Annotated[str, typer.Option(help=_help("model"))]
+Resolution = Annotated[Optional[int], typer.Option(help=_help("resolution"))]
+Steps = Annotated[int, typer.Option(help=_help("steps"))]
+Guidance = Annotated[float, typer.Option(help=_help("guidance"))]
+Seed = Annotated[int, typer.Option(help=_help("seed"))]
+Scheduler = Annotated[str, typer.Option(help=_help("scheduler"))]
+DeepCacheOpt = Annotated[int, typer.Option("--deepcache", help=_help("deepcache"))]
+Face = Annotated[str, typer.Option(help=_help("face"))]
+OnNoFace = Annotated[str, typer.Option(help=_help("on_no_face"))]
+Detector = Annotated[str, typer.Option(help=_help("detector"))]
+AudioMode = Annotated[str, typer.Option(help=_help("audio_mode"))]
+Checkpoints = Annotated[Optional[Path], typer.Option(help=_help("checkpoints"))]
+Device = Annotated[str, typer.Option(help=_help("device"))]
+WindowsPerChunk = Annotated[int, typer.Option(help=_help("windows_per_chunk"))]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help=_help("compile"))]
+CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help=_help("cuda_graphs"))]
+PrepareWorkers = Annotated[Optional[int], typer.Option(help=_help("prepare_workers"))]
 
 
 def make_config(**options):
     """LipSyncConfig from command options; a bad value exits 2 with the option's name."""
     from pydantic import ValidationError
-
-    from .config import LipSyncConfig
 
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
     try:
@@ -88,23 +98,23 @@ def run(
     video: Annotated[Path, typer.Argument(help="Talking-head video (any container, fps and resolution).")],
     audio: Annotated[Path, typer.Argument(help="Target speech (any audio or video file; converted to 16 kHz mono).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .mp4 (H.264 + AAC); written atomically.")],
-    model: Model = "latentsync-1.6",
-    resolution: Resolution = None,
-    steps: Steps = 20,
-    guidance: Guidance = 1.5,
-    seed: Seed = 1247,
-    scheduler: Scheduler = "ddim",
-    deepcache: DeepCacheOpt = 0,
-    face: Face = "largest",
-    on_no_face: OnNoFace = "error",
-    detector: Detector = "auto",
-    audio_mode: AudioMode = "seamless",
-    checkpoints: Checkpoints = None,
-    device: Device = "auto",
-    windows_per_chunk: WindowsPerChunk = 8,
-    compile: Compile = False,
-    cuda_graphs: CudaGraphs = True,
-    prepare_workers: PrepareWorkers = None,
+    model: Model = _default("model"),
+    resolution: Resolution = _default("resolution"),
+    steps: Steps = _default("steps"),
+    guidance: Guidance = _default("guidance"),
+    seed: Seed = _default("seed"),
+    scheduler: Scheduler = _default("scheduler"),
+    deepcache: DeepCacheOpt = _default("deepcache"),
+    face: Face = _default("face"),
+    on_no_face: OnNoFace = _default("on_no_face"),
+    detector: Detector = _default("detector"),
+    audio_mode: AudioMode = _default("audio_mode"),
+    checkpoints: Checkpoints = _default("checkpoints"),
+    device: Device = _default("device"),
+    windows_per_chunk: WindowsPerChunk = _default("windows_per_chunk"),
+    compile: Compile = _default("compile"),
+    cuda_graphs: CudaGraphs = _default("cuda_graphs"),
+    prepare_workers: PrepareWorkers = _default("prepare_workers"),
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 
@@ -113,12 +123,6 @@ def run(
     options = dict(locals())
     del options["video"], options["audio"], options["output"]
     _run_one(make_config(**options), video, audio, output)
-
-
-def _job_default(name: str):
-    """A `batch` option's default, from BatchConfig (pairs as MIN,MAX text)."""
-    value = BatchConfig.model_fields[name].default
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
 def _pair(text: str, option: str) -> tuple[int, int]:
@@ -150,27 +154,27 @@ def connect_ray(address: str | None) -> None:
 def batch(
     catalog: Annotated[str, typer.Option(help="Catalog URL (.parquet, .csv or .jsonl): columns video, audio (and optionally id, output, per-row options).")],
     output: Annotated[str, typer.Option(help="Output prefix URL: <id>.mp4 files and manifest.parquet.")],
-    model: Model = "latentsync-1.6",
-    resolution: Resolution = None,
-    steps: Steps = 20,
-    guidance: Guidance = 1.5,
-    seed: Seed = 1247,
-    scheduler: Scheduler = "ddim",
-    deepcache: DeepCacheOpt = 0,
-    face: Face = "largest",
-    on_no_face: OnNoFace = "error",
-    detector: Detector = "auto",
-    audio_mode: AudioMode = "seamless",
-    checkpoints: Checkpoints = None,
-    windows_per_chunk: WindowsPerChunk = 8,
-    compile: Compile = False,
-    cuda_graphs: CudaGraphs = True,
+    model: Model = _default("model"),
+    resolution: Resolution = _default("resolution"),
+    steps: Steps = _default("steps"),
+    guidance: Guidance = _default("guidance"),
+    seed: Seed = _default("seed"),
+    scheduler: Scheduler = _default("scheduler"),
+    deepcache: DeepCacheOpt = _default("deepcache"),
+    face: Face = _default("face"),
+    on_no_face: OnNoFace = _default("on_no_face"),
+    detector: Detector = _default("detector"),
+    audio_mode: AudioMode = _default("audio_mode"),
+    checkpoints: Checkpoints = _default("checkpoints"),
+    windows_per_chunk: WindowsPerChunk = _default("windows_per_chunk"),
+    compile: Compile = _default("compile"),
+    cuda_graphs: CudaGraphs = _default("cuda_graphs"),
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
-    prepare_actors: Annotated[str, typer.Option(help="CPU actor pool MIN,MAX.")] = _job_default("prepare_actors"),
-    generate_actors: Annotated[str, typer.Option(help="GPU actor pool MIN,MAX.")] = _job_default("generate_actors"),
-    chunks_per_batch: Annotated[int, typer.Option(help="Chunks per Generate call.")] = _job_default("chunks_per_batch"),
-    chunks_per_prepare: Annotated[int, typer.Option(help="Consecutive chunks of a video per Prepare call.")] = _job_default("chunks_per_prepare"),
-    generate_prefetch: Annotated[int, typer.Option(help="Generate calls at each GPU actor at once (one on the GPU, the others unpickling or staging).")] = _job_default("generate_prefetch"),
+    prepare_actors: Annotated[str, typer.Option(help=_help("prepare_actors", BatchConfig))] = _default("prepare_actors", BatchConfig),
+    generate_actors: Annotated[str, typer.Option(help=_help("generate_actors", BatchConfig))] = _default("generate_actors", BatchConfig),
+    chunks_per_batch: Annotated[int, typer.Option(help=_help("chunks_per_batch", BatchConfig))] = _default("chunks_per_batch", BatchConfig),
+    chunks_per_prepare: Annotated[int, typer.Option(help=_help("chunks_per_prepare", BatchConfig))] = _default("chunks_per_prepare", BatchConfig),
+    generate_prefetch: Annotated[int, typer.Option(help=_help("generate_prefetch", BatchConfig))] = _default("generate_prefetch", BatchConfig),
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
@@ -220,11 +224,11 @@ def batch(
 
 @app.command()
 def serve(
-    model: Model = "latentsync-1.6",
-    resolution: Resolution = None,
-    steps: Steps = 20,
-    detector: Detector = "auto",
-    checkpoints: Checkpoints = None,
+    model: Model = _default("model"),
+    resolution: Resolution = _default("resolution"),
+    steps: Steps = _default("steps"),
+    detector: Detector = _default("detector"),
+    checkpoints: Checkpoints = _default("checkpoints"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate replicas take a GPU each (default: if this machine has one).")] = None,
@@ -265,8 +269,8 @@ def serve(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")] = Path("demo.mp4"),
     version: Annotated[str, typer.Option("--version", "-v", help="LatentSync version: 1.5 or 1.6.")] = "1.6",
-    checkpoints: Checkpoints = None,
-    device: Device = "auto",
+    checkpoints: Checkpoints = _default("checkpoints"),
+    device: Device = _default("device"),
 ) -> None:
     """Lip-sync the bundled 3 s sample. Uses the real LatentSync checkpoints when present or downloadable,
     otherwise tiny-random (random weights: the mouth moves, but is not meaningful)."""
@@ -319,11 +323,11 @@ def eval_(
     plot: Annotated[Optional[Path], typer.Option(help="PNG of the per-frame confidence with chunk seams marked (for a folder: a folder of PNGs).")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="Write the scores as a Parquet table, a row per video.")] = None,
     model: Annotated[str, typer.Option(help="syncnet-v2 (published weights: `lipsync-ray download --eval`) or tiny-random (random weights, for tests).")] = "syncnet-v2",
-    detector: Detector = "auto",
-    checkpoints: Checkpoints = None,
-    device: Device = "auto",
-    windows_per_chunk: Annotated[int, typer.Option(help="The run's --windows-per-chunk: where its chunk seams lie.")] = 8,
-    window_overlap: Annotated[int, typer.Option(help="The run's window overlap: how many frames each chunk seam crossfades.")] = 4,
+    detector: Detector = _default("detector"),
+    checkpoints: Checkpoints = _default("checkpoints"),
+    device: Device = _default("device"),
+    windows_per_chunk: Annotated[int, typer.Option(help="The run's --windows-per-chunk: where its chunk seams lie.")] = _default("windows_per_chunk"),
+    window_overlap: Annotated[int, typer.Option(help="The run's window overlap: how many frames each chunk seam crossfades.")] = _default("window_overlap"),
 ) -> None:
     """Score lip sync with SyncNet: LSE-D (lower is better), LSE-C (higher is better) and the AV offset in frames,
     the numbers of the LatentSync and Wav2Lip papers.

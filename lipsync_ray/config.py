@@ -15,27 +15,36 @@ if TYPE_CHECKING:
 class LipSyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("latentsync-1.6", description="latentsync-1.5, latentsync-1.6, tiny-random or a U-Net .pt path")
-    resolution: Literal[128, 256, 512] | None = Field(None, description="face size; default the model's own")
-    checkpoints: str | None = Field(None, description="checkpoints folder (default ./checkpoints)")
-    steps: int = Field(20, ge=1, le=200)
-    guidance: float = Field(1.5, ge=1.0, le=20.0)
-    seed: int = 1247
-    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    model: str = Field(
+        "latentsync-1.6",
+        description="latentsync-1.5 (256 px), latentsync-1.6 (512 px), tiny-random, latentsync-1.x-random (benchmarks), or a U-Net .pt path",
+    )
+    resolution: Literal[128, 256, 512] | None = Field(None, description="face size in px (default: the model's own)")
+    checkpoints: str | None = Field(None, description="checkpoints folder (default: ./checkpoints or $LIPSYNC_CHECKPOINTS)")
+    steps: int = Field(20, ge=1, le=200, description="denoising steps")
+    guidance: float = Field(1.5, ge=1.0, le=20.0, description="classifier-free guidance scale (1 = off)")
+    seed: int = Field(1247, description="seed of the initial noise")
+    scheduler: Literal["ddim", "dpm++"] = Field("ddim", description="ddim (upstream) or dpm++ (fewer steps)")
     deepcache: int = Field(0, ge=0, le=10, description="DeepCache interval: 0 off, 3 as upstream's --enable_deepcache")
-    audio_mode: Literal["seamless", "upstream"] = "seamless"
-    detector: Literal["auto", "insightface", "offline"] = "auto"
-    face: str = Field("largest", description="largest, or the rank by size (0 = largest) of the face to follow")
-    on_no_face: Literal["error", "passthrough"] = Field("error", description="a video with no face at all")
+    audio_mode: Literal["seamless", "upstream"] = Field(
+        "seamless", description="seamless, or upstream (hard 30 s Whisper windows)"
+    )
+    detector: Literal["auto", "insightface", "offline"] = Field(
+        "auto", description="auto (insightface when its files are present, else offline), insightface, offline"
+    )
+    face: str = Field("largest", description="face to follow: largest, or its rank by size (0 = largest)")
+    on_no_face: Literal["error", "passthrough"] = Field(
+        "error", description="a video with no face at all: error, or passthrough (keep it)"
+    )
     window_overlap: int = Field(4, ge=0, le=8, description="frames shared by neighbouring 16-frame windows")
-    windows_per_chunk: int = Field(8, ge=1)
+    windows_per_chunk: int = Field(8, ge=1, description="16-frame windows per chunk, the unit of work a worker takes")
     windows_per_batch: int = Field(4, ge=1, description="windows per U-Net call")
     compile: bool = Field(False, description="torch.compile the U-Net (GPU: a slower first chunk, faster after)")
     cuda_graphs: bool = Field(
         True, description="GPU: replay the U-Net's steps as CUDA graphs (a video's last U-Net batch is then padded to full)"
     )
     prepare_workers: int | None = Field(
-        None, ge=0, le=64, description="`run`: Prepare in N worker processes (0: a thread; default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0)"
+        None, ge=0, le=64, description="`run`: Prepare (decode, faces, audio) in N worker processes; 0: a thread (default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0)"
     )
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
@@ -47,6 +56,10 @@ class LipSyncConfig(BaseModel):
         if self.face != "largest" and not self.face.isdigit():
             raise ValueError(f"face must be 'largest' or a number, got {self.face!r}")
         return self
+
+    def with_params(self, params: dict[str, Any]) -> "LipSyncConfig":
+        """This config with per-video or per-request parameters over it, validated."""
+        return LipSyncConfig.model_validate({**self.model_dump(), **params}) if params else self
 
     def preset(self) -> "ModelPreset":
         from .models.presets import get_preset

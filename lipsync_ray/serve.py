@@ -139,7 +139,7 @@ class PrepareDeployment:
         return True
 
     def prepare(self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict) -> PreparedChunk:
-        cfg = LipSyncConfig.model_validate({**self.cfg.model_dump(), **params})
+        cfg = self.cfg.with_params(params)
         paths = [self.inputs.path(*item) for item in (video, audio)]
         key = video[1] + audio[1]
         plan = self.plans.get(key)
@@ -162,7 +162,7 @@ class GenerateDeployment:
         return True
 
     def generate(self, item: PreparedChunk, params: dict) -> PreparedChunk:
-        return self.stage(item, LipSyncConfig.model_validate({**self.cfg.model_dump(), **params}))
+        return self.stage(item, self.cfg.with_params(params))
 
 
 class JobRequest(BaseModel):
@@ -331,7 +331,7 @@ class LipSyncAPI:
 
     # --- the work ---------------------------------------------------------------------------------------
     async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: _Job | None) -> int:
-        cfg = LipSyncConfig.model_validate({**self.config.pipeline.model_dump(), **params})
+        cfg = self.config.pipeline.with_params(params)
         plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
         if job:
             job.frames_total = plan.n_out
@@ -422,7 +422,7 @@ class LipSyncAPI:
         if unknown:
             raise InputError(422, sorted(unknown)[0], "unknown parameter")
         try:
-            merged = LipSyncConfig.model_validate({**self.config.pipeline.model_dump(), **raw})
+            merged = self.config.pipeline.with_params(raw)
         except ValidationError as err:
             raise _invalid(err) from None
         return {k: getattr(merged, k) for k in raw}
