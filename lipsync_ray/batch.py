@@ -40,7 +40,9 @@ from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import BatchConfig, LipSyncConfig
 from .media import MediaError, probe_video
-from .stages import Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video
+from .stages import (
+    Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video, ray_resources, set_up,
+)
 
 
 def _worker() -> str:
@@ -99,8 +101,7 @@ class PrepareActor:
         lower_priority()  # Generate actors may share the node
         self.job = BatchConfig.model_validate_json(job_json)
         self.inputs = storage.InputCache(self.job.inputs, self.job.storage_options)
-        self.stage = Prepare(self.job.pipeline, self.inputs)
-        self.stage.setup()
+        self.stage = set_up(Prepare, self.job.pipeline, self.inputs)
         self.plans = _Plans(self.inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
@@ -136,8 +137,7 @@ class GenerateActor:
 
     def __init__(self, job_json: str):
         self.job = BatchConfig.model_validate_json(job_json)
-        self.stage = Generate(self.job.pipeline)
-        self.stage.setup()
+        self.stage = set_up(Generate, self.job.pipeline)
         self.worker = _worker()
         # with `generate_prefetch` > 1 calls run in threads: one at a time in the stage, the others unpickling or staging
         self.gpu = threading.Lock()
@@ -195,8 +195,7 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
     inputs = storage.InputCache(job.inputs, job.storage_options)
     start = time.perf_counter()
     try:
-        stage = Compose(cfg, inputs)
-        stage.setup()
+        stage = set_up(Compose, cfg, inputs)
         plan = plan_video(row.video, row.audio, cfg, inputs)
         prefix = _stage_prefix(job, row, cfg)
         items = (_load_chunk(plan, c.index, _chunk_url(prefix, c.index), job) for c in plan.chunks)
@@ -269,7 +268,7 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.flat_map(plan_runs, fn_kwargs={"job_json": job_json}, num_cpus=0.5)
     ds = ds.map_batches(
-        PrepareActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=1, num_cpus=1,
+        PrepareActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=1, **ray_resources(Prepare),
         memory=job.prepare_memory_gb * 2**30,
         compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),
     )
@@ -281,9 +280,9 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
             min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
-        **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
+        **ray_resources(Generate, gpu),
     )
-    compose = ray.remote(num_cpus=1, max_retries=3)(compose_task)
+    compose = ray.remote(**ray_resources(Compose), max_retries=3)(compose_task)
     pending: dict[Any, _Video] = {}
     stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"prepare_s": 0.0, "generate_s": 0.0, "reused": 0, "workers": set()})
 

@@ -24,7 +24,7 @@ from .ahead import ahead
 from .config import LipSyncConfig
 from .stages import (
     Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, chunk_parts, kept, lower_priority,
-    plan_video,
+    plan_video, set_up,
 )
 
 @dataclass
@@ -52,8 +52,7 @@ def _start_worker(cfg_json: str, threads: int, started: Barrier) -> None:
     lower_priority()
     torch.set_num_threads(threads)  # the workers and the main process's stages share the cores
     try:
-        _worker = Prepare(LipSyncConfig.model_validate_json(cfg_json))
-        _worker.setup()
+        _worker = set_up(Prepare, LipSyncConfig.model_validate_json(cfg_json))
     except Exception as err:
         _worker = err
 
@@ -81,7 +80,6 @@ class LipSyncPipeline:
 
     def __init__(self, cfg: LipSyncConfig):
         self.cfg = cfg
-        self.generate, self.compose = Generate(cfg), Compose(cfg, device=cfg.resolved_device())
         self.workers: ProcessPoolExecutor | None = None
         self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)
         self.prepare_workers = cfg.resolved_prepare_workers()
@@ -100,11 +98,8 @@ class LipSyncPipeline:
                 raise
             self.prepare = _prepare_in_worker
         else:
-            stage = Prepare(cfg)
-            stage.setup()
-            self.prepare = stage.part
-        self.generate.setup()
-        self.compose.setup()
+            self.prepare = set_up(Prepare, cfg).part
+        self.generate, self.compose = set_up(Generate, cfg), set_up(Compose, cfg, device=cfg.resolved_device())
 
     def close(self) -> None:
         if self.workers is not None:

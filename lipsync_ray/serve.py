@@ -38,7 +38,7 @@ from starlette.background import BackgroundTask
 from . import receive, storage
 from .config import InputPolicy, LipSyncConfig
 from .media import MediaError, probe_video
-from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video
+from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video, ray_resources, set_up
 
 
 class ServeConfig(BaseModel):
@@ -124,14 +124,13 @@ class _LocalInputs:
         return str(target)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment
 class PrepareDeployment:
     """Serve wrapper of Prepare: one chunk per call."""
 
     def __init__(self, pipeline: dict):
         self.cfg = LipSyncConfig.model_validate(pipeline)
-        self.stage = Prepare(self.cfg)
-        self.stage.setup()
+        self.stage = set_up(Prepare, self.cfg)
         self.inputs = _LocalInputs()
         self.plans: dict[str, Any] = {}
 
@@ -149,14 +148,13 @@ class PrepareDeployment:
         return self.stage(plan, plan.chunks[chunk], cfg)
 
 
-@serve.deployment(ray_actor_options={"num_gpus": 1, "num_cpus": 1})
+@serve.deployment
 class GenerateDeployment:
     """Serve wrapper of Generate: latent diffusion for one chunk per call."""
 
     def __init__(self, pipeline: dict):
         self.cfg = LipSyncConfig.model_validate(pipeline)
-        self.stage = Generate(self.cfg)
-        self.stage.setup()
+        self.stage = set_up(Generate, self.cfg)
 
     def ready(self) -> bool:
         return True
@@ -204,7 +202,7 @@ def _shipment(path: str) -> tuple[str, str, bytes]:
 
 
 # Serve pickles the deployment classes when they are decorated: everything they use is defined above them.
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment
 @serve.ingress(api)
 class LipSyncAPI:
     def __init__(self, config: dict, prepare, generate):
@@ -213,8 +211,7 @@ class LipSyncAPI:
         self.api_key = key.encode() if key else None
         self.prepare, self.generate = prepare, generate
         self.work = Path(tempfile.mkdtemp(prefix="lipsync-requests-", dir=self.config.work_dir))
-        self.compose = Compose(self.config.pipeline)
-        self.compose.setup()
+        self.compose = set_up(Compose, self.config.pipeline)
         self.jobs: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self.requests = Counter("lipsync_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
@@ -437,13 +434,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         return {"min_replicas": replicas[0], "max_replicas": replicas[1], "target_ongoing_requests": 2}
 
     prepare = PrepareDeployment.options(
-        autoscaling_config=autoscaling(config.prepare_replicas), max_ongoing_requests=4
+        autoscaling_config=autoscaling(config.prepare_replicas), max_ongoing_requests=4, ray_actor_options=ray_resources(Prepare)
     ).bind(pipeline)
     generate = GenerateDeployment.options(
         autoscaling_config=autoscaling(config.generate_replicas), max_ongoing_requests=2,
-        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if config.gpu else {"num_cpus": 1},
+        ray_actor_options=ray_resources(Generate, config.gpu),
     ).bind(pipeline)
     return LipSyncAPI.options(
         max_ongoing_requests=config.max_ongoing_requests, max_queued_requests=config.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": config.retry_after_s},
+        ray_actor_options=ray_resources(Compose),  # the ingress composes the results
     ).bind(config.model_dump(), prepare, generate)

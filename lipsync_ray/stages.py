@@ -1,6 +1,7 @@
 """Prepare / Generate / Compose: plain classes that the in-process pipeline, Ray Data and Ray Serve all wrap.
 
-Each stage declares its resources, loads its models in `setup()` and processes one item per call. Only face
+Each stage declares its resources (what the Ray job and Serve request for it: `ray_resources`), loads its models
+in `setup()` (`set_up` builds and sets up a stage for every wrapper) and processes one item per call. Only face
 crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames are decoded again in Compose.
 """
 
@@ -35,6 +36,7 @@ PASTE_GROUP = 16  # frames pasted back together by Compose
 PREPARE_NICE = 5  # how much lower the CPU priority of Prepare's worker processes is than the GPU stage's
 
 T = TypeVar("T")
+S = TypeVar("S", "Prepare", "Generate", "Compose")
 
 
 class NoFaceError(MediaError):
@@ -246,7 +248,7 @@ def _fill_gaps(crops: np.ndarray, flags: np.ndarray) -> None:
 class Generate:
     """GPU (falls back to CPU): latent diffusion over a chunk's windows."""
 
-    resources = {"num_gpus": 1}
+    resources = {"num_cpus": 1, "num_gpus": 1}
 
     def __init__(self, cfg: LipSyncConfig):
         self.cfg = cfg
@@ -363,3 +365,16 @@ class Compose:
             for i, frame in zip(with_face, pasted.numpy()):
                 frames[i] = frame
         return frames
+
+
+def set_up(stage_class: type[S], *args, **kwargs) -> S:
+    """A stage built and its models loaded: how the pipeline, the Ray job and Serve all start one."""
+    stage = stage_class(*args, **kwargs)
+    stage.setup()
+    return stage
+
+
+def ray_resources(stage_class: type, gpu: bool = True) -> dict[str, float]:
+    """What a Ray actor, task or Serve replica running `stage_class` requests: its declared resources, less the GPU
+    where there is none (the GPU stage then runs on a CPU)."""
+    return {k: v for k, v in stage_class.resources.items() if gpu or k != "num_gpus"}
