@@ -19,18 +19,12 @@ import pytest
 
 from lipsync_ray.media import FrameReader, probe_video
 
-from .conftest import DATA, cli_run_like_a_ray_worker, ffmpeg, loopback_http
+from .conftest import DATA, cli_run_like_a_ray_worker, ffmpeg, free_port, loopback_http
 
 TINY = {"model": "tiny-random", "steps": 1, "detector": "offline"}
 KEY = "s3cret-7f3a9c21"
 UPLOAD_LIMIT = 3_000_000
 INPUT_TIMEOUT_S = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def service(ray_local, site, tmp_path_factory):
 
     from lipsync_ray.serve import build_app
 
-    port = _free_port()
+    port = free_port()
     work = {name: tmp_path_factory.mktemp(f"work_{name}") for name in ("open", "secured")}
     common = {"pipeline": TINY, "gpu": False, "max_sync_seconds": 3, "max_job_seconds": 10, "max_upload_bytes": UPLOAD_LIMIT,
               "input_timeout_s": INPUT_TIMEOUT_S, "prepare_replicas": (1, 1), "generate_replicas": (1, 1), "retry_after_s": 2}
@@ -310,7 +304,7 @@ def test_overload_answers_503_and_the_service_stays_healthy(service, media):
 
 
 def test_cli_serve_starts_and_stops_on_sigterm(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lipsync_ray.cli", "serve", "--model", "tiny-random", "--detector", "offline", "--no-gpu", "--port", str(port)],
