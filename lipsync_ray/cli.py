@@ -243,7 +243,8 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from .serve import ServeConfig, build_app
+    from .config import ServeConfig
+    from .serve import build_app
 
     server = {k: options.pop(k) for k in ("host", "port", "gpu", "api_key", "address")}
     cfg = make_config(**options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionParams
@@ -144,3 +144,26 @@ class BatchConfig(BaseModel):
         from . import storage
 
         return storage.join(self.output, "manifest.parquet")
+
+
+class ServeConfig(BaseModel):
+    """Everything the Serve app takes (the `args` of the serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    api_key: SecretStr | None = Field(None, description="required X-API-Key header; default $LIPSYNC_API_KEY, unset = open")
+    inputs: InputPolicy = Field(default_factory=InputPolicy, description="which URLs are fetched, video size limits")
+    max_upload_bytes: int = Field(200 * 2**20, gt=0, description="per uploaded or fetched file, enforced while it streams")
+    input_timeout_s: float = Field(120.0, gt=0, description="time to receive a request's inputs (upload or fetch); then 408")
+    max_sync_seconds: float = Field(60.0, description="longest output (audio) for POST /v1/lipsync; longer: /v1/jobs")
+    max_job_seconds: float = Field(600.0, description="longest output for POST /v1/jobs")
+    output_prefix: str | None = Field(None, description="async results are uploaded here and returned as URLs")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    work_dir: str | None = Field(None, description="temporary files (default: the system temp dir)")
+    gpu: bool = Field(True, description="Generate replicas take one GPU each")
+    prepare_replicas: tuple[int, int] = (1, 4)
+    generate_replicas: tuple[int, int] = (1, 4)
+    max_ongoing_requests: int = Field(4, description="requests one ingress replica works on at once")
+    max_queued_requests: int = Field(8, description="requests waiting beyond that; more get 503 + Retry-After")
+    retry_after_s: int = 5

@@ -1,7 +1,8 @@
-"""Request bodies read as they arrive, for the Serve app: multipart files go straight to fixed names on disk and
-are cut off at a byte limit, and everything is received by a deadline. An oversized or stalled upload is thus
-refused while it streams, never held whole in memory or written out in full. Errors are the InputRefused family
-of `storage`, naming the part (`video`, `audio`, a form field, or `body`)."""
+"""A Serve request's inputs: `RequestInputs` saves its two files (uploads or fetched URLs) and validates its
+parameters. Bodies are read as they arrive: multipart files go straight to fixed names on disk and are cut off at
+a byte limit, and everything is received by a deadline, so an oversized or stalled upload is refused while it
+streams, never held whole in memory or written out in full. Errors are the InputRefused family of `storage`, or
+InputError, naming the part (`video`, `audio`, a form field, or `body`)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,87 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from . import storage
+from .config import ServeConfig
 from .storage import InputRefused, InputTimeout, InputTooLarge, safe_suffix
 
 FIELD_BYTES = 1024  # a form field (steps, seed, ...) is short text
 MAX_FIELDS = 16
 JSON_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and fields around the files
+
+
+class InputError(Exception):
+    """A request that fails: HTTP `status` with the offending `field` named (none for a fault of ours)."""
+
+    def __init__(self, status: int, field_name: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field_name, message
+
+
+def invalid(err: ValidationError) -> InputError:
+    first = err.errors()[0]
+    return InputError(422, ".".join(map(str, first["loc"])) or "body", first["msg"])
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    video_url: str
+    audio_url: str
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=1.0, le=20.0)
+    seed: int | None = None
+    face: str | None = None
+
+
+class RequestInputs:
+    """A request's two inputs, saved under fixed names in its folder (multipart uploads or fetched URLs), and its
+    per-request parameters, validated against the service's pipeline config."""
+
+    PARAMS = ("steps", "guidance", "seed", "face")
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+
+    async def __call__(self, request: Request, folder: Path) -> tuple[str, str, dict]:
+        """Save the two inputs in `folder` under fixed names (uploads or URLs) and collect the per-request
+        parameters, all within `input_timeout_s`."""
+        deadline = time.monotonic() + self.config.input_timeout_s
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            files, raw = await multipart(request, folder, ("video", "audio"), self.config.max_upload_bytes, deadline)
+            paths = [str(files["video"]), str(files["audio"])]
+        else:
+            try:
+                body = JobRequest.model_validate(await json_body(request, deadline))
+            except ValidationError as err:
+                raise invalid(err) from None
+            paths = [
+                await asyncio.to_thread(self._fetch, url, folder, name, deadline)
+                for name, url in (("video", body.video_url), ("audio", body.audio_url))
+            ]
+            raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
+        return paths[0], paths[1], self._params(raw)
+
+    def _fetch(self, url: str, folder: Path, name: str, deadline: float) -> str:
+        target = folder / (name + safe_suffix(url))
+        storage.fetch(url, target, f"{name}_url", self.config.inputs, self.config.storage_options, self.config.max_upload_bytes, deadline)
+        return str(target)
+
+    def _params(self, raw: dict) -> dict:
+        unknown = set(raw) - set(self.PARAMS)
+        if unknown:
+            raise InputError(422, sorted(unknown)[0], "unknown parameter")
+        try:
+            merged = self.config.pipeline.with_params(raw)
+        except ValidationError as err:
+            raise invalid(err) from None
+        return {k: getattr(merged, k) for k in raw}
 
 
 async def _body(request: Request, deadline: float, receiving: Callable[[], str]) -> AsyncIterator[bytes]:

@@ -13,15 +13,16 @@ policy (`receive`, `storage.check_url`): uploads are cut off while they stream, 
 """
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,59 +30,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 from starlette.background import BackgroundTask
 
-from . import receive, storage
-from .config import InputPolicy, LipSyncConfig
+from . import storage
+from .config import InputPolicy, LipSyncConfig, ServeConfig
+from .receive import InputError, RequestInputs
 from .media import MediaError, probe_video
 from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video, ray_resources, set_up
-
-
-class ServeConfig(BaseModel):
-    """Everything the Serve app takes (the `args` of the serve config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pipeline: LipSyncConfig = Field(default_factory=LipSyncConfig)
-    api_key: SecretStr | None = Field(None, description="required X-API-Key header; default $LIPSYNC_API_KEY, unset = open")
-    inputs: InputPolicy = Field(default_factory=InputPolicy, description="which URLs are fetched, video size limits")
-    max_upload_bytes: int = Field(200 * 2**20, gt=0, description="per uploaded or fetched file, enforced while it streams")
-    input_timeout_s: float = Field(120.0, gt=0, description="time to receive a request's inputs (upload or fetch); then 408")
-    max_sync_seconds: float = Field(60.0, description="longest output (audio) for POST /v1/lipsync; longer: /v1/jobs")
-    max_job_seconds: float = Field(600.0, description="longest output for POST /v1/jobs")
-    output_prefix: str | None = Field(None, description="async results are uploaded here and returned as URLs")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    work_dir: str | None = Field(None, description="temporary files (default: the system temp dir)")
-    gpu: bool = Field(True, description="Generate replicas take one GPU each")
-    prepare_replicas: tuple[int, int] = (1, 4)
-    generate_replicas: tuple[int, int] = (1, 4)
-    max_ongoing_requests: int = Field(4, description="requests one ingress replica works on at once")
-    max_queued_requests: int = Field(8, description="requests waiting beyond that; more get 503 + Retry-After")
-    retry_after_s: int = 5
 
 
 log = logging.getLogger("ray.serve")
 
 
-class InputError(Exception):
-    """A request that fails: HTTP `status` with the offending `field` named (none for a fault of ours)."""
-
-    def __init__(self, status: int, field_name: str, message: str):
-        super().__init__(message)
-        self.status, self.field, self.message = status, field_name, message
-
-
 def _error(status: int, field_name: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status, headers=headers)
-
-
-def _invalid(err: ValidationError) -> InputError:
-    first = err.errors()[0]
-    return InputError(422, ".".join(map(str, first["loc"])) or "body", first["msg"])
 
 
 def _input_error(err: Exception) -> InputError:
@@ -102,28 +67,6 @@ def _input_error(err: Exception) -> InputError:
     return InputError(500, "", "internal error")
 
 
-class _LocalInputs:
-    """Inputs shipped as bytes (ObjectRefs) and written once per replica, keyed by their digest. Serve calls
-    Prepare from several threads: a file is written whole before another thread can see it."""
-
-    def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="lipsync-serve-"))
-        self._recent: list[Path] = []
-        self._lock = threading.Lock()
-
-    def path(self, name: str, digest: str, data: bytes | None) -> str:
-        target = self.root / digest / name
-        with self._lock:
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-                self._recent.append(target.parent)
-                for old in self._recent[:-8]:
-                    shutil.rmtree(old, ignore_errors=True)
-                self._recent = self._recent[-8:]
-        return str(target)
-
-
 @serve.deployment
 class PrepareDeployment:
     """Serve wrapper of Prepare: one chunk per call."""
@@ -131,7 +74,7 @@ class PrepareDeployment:
     def __init__(self, pipeline: dict):
         self.cfg = LipSyncConfig.model_validate(pipeline)
         self.stage = set_up(Prepare, self.cfg)
-        self.inputs = _LocalInputs()
+        self.inputs = storage.InputCache(InputPolicy(), keep=8)  # inputs shipped by the ingress, not URLs
         self.plans: dict[str, Any] = {}
 
     def ready(self) -> bool:
@@ -139,7 +82,7 @@ class PrepareDeployment:
 
     def prepare(self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict) -> PreparedChunk:
         cfg = self.cfg.with_params(params)
-        paths = [self.inputs.path(*item) for item in (video, audio)]
+        paths = [self.inputs.put(*item) for item in (video, audio)]
         key = video[1] + audio[1]
         plan = self.plans.get(key)
         if plan is None:  # chunks of a request arrive together; other threads may be on other requests
@@ -163,19 +106,8 @@ class GenerateDeployment:
         return self.stage(item, self.cfg.with_params(params))
 
 
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    video_url: str
-    audio_url: str
-    steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, ge=1.0, le=20.0)
-    seed: int | None = None
-    face: str | None = None
-
-
 @dataclass
-class _Job:
+class Job:
     id: str
     status: str = "queued"  # queued | running | done | failed
     frames_done: int = 0
@@ -183,6 +115,40 @@ class _Job:
     error: dict | None = None
     result: str | None = None  # a local path, or a URL when output_prefix is set
     created: float = field(default_factory=time.time)
+
+
+class JobStore:
+    """The async jobs of one ingress replica, their folders under `work`, and the tasks that run them. Finished
+    jobs and their files are kept for `keep_s`."""
+
+    def __init__(self, work: Path, keep_s: float = 3600):
+        self.work, self.keep_s = work, keep_s
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def new(self) -> Job:
+        self._expire()
+        job = Job(uuid.uuid4().hex)
+        (self.work / job.id).mkdir()
+        return job
+
+    def start(self, job: Job, work) -> None:
+        """Keep `job` and run the coroutine `work` for it in the background."""
+        self.jobs[job.id] = job
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def get(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise InputError(404, "id", f"no job {job_id}")
+        return self.jobs[job_id]
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job in [j for j in self.jobs.values() if j.status in ("done", "failed") and now - j.created > self.keep_s]:
+            shutil.rmtree(self.work / job.id, ignore_errors=True)
+            del self.jobs[job.id]
 
 
 api = FastAPI(title="lipsync-ray", description="Lip-sync a talking-head clip to new audio (LatentSync on Ray Serve).")
@@ -195,6 +161,35 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     return _error(422, ".".join(loc) or "body", first.get("msg", "invalid request"))
 
 
+def _answers_errors(route: str):
+    """A route whose failures become JSON errors (`_input_error`), counted in the request metrics."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        async def answer(self, *args, **kwargs):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - every failure is answered
+                failure = _input_error(err)
+                self.requests.inc(tags={"route": route, "status": str(failure.status)})
+                retry = {"Retry-After": str(self.config.retry_after_s)} if failure.status == 503 else None
+                return _error(failure.status, failure.field, failure.message, retry)
+
+        return answer
+
+    return decorate
+
+
+@contextmanager
+def _removed_on_failure(folder: Path):
+    """A request's folder, removed when the request fails or is cancelled (the client went away)."""
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _shipment(path: str) -> tuple[str, str, bytes]:
     """(file name, digest, bytes): what a Prepare replica on any node needs to recreate the input."""
     data = Path(path).read_bytes()
@@ -205,15 +200,18 @@ def _shipment(path: str) -> tuple[str, str, bytes]:
 @serve.deployment
 @serve.ingress(api)
 class LipSyncAPI:
+    """The routes. Inputs arrive through `receive.RequestInputs`, async jobs live in a `JobStore`, and the work
+    fans out to the Prepare and Generate deployments and comes back to Compose here."""
+
     def __init__(self, config: dict, prepare, generate):
         self.config = ServeConfig.model_validate(config)
         key = self.config.api_key.get_secret_value() if self.config.api_key else os.environ.get("LIPSYNC_API_KEY")
         self.api_key = key.encode() if key else None
         self.prepare, self.generate = prepare, generate
         self.work = Path(tempfile.mkdtemp(prefix="lipsync-requests-", dir=self.config.work_dir))
+        self.inputs = RequestInputs(self.config)
+        self.jobs = JobStore(self.work)
         self.compose = set_up(Compose, self.config.pipeline)
-        self.jobs: dict[str, _Job] = {}
-        self._tasks: set[asyncio.Task] = set()
         self.requests = Counter("lipsync_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.latency = Histogram(
             "lipsync_request_seconds", "request latency", boundaries=[1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("route",)
@@ -235,22 +233,18 @@ class LipSyncAPI:
 
     # --- sync -------------------------------------------------------------------------------------------
     @api.post("/v1/lipsync", response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}}})
+    @_answers_errors("lipsync")
     async def lipsync(self, request: Request):
         """Multipart `video` and `audio` files, or JSON `video_url` and `audio_url`; optional steps, guidance,
         seed and face (form fields or JSON). Returns the lip-synced mp4."""
         start = time.perf_counter()
+        self._authorise(request)
         folder = self.work / uuid.uuid4().hex
         folder.mkdir()
-        try:
-            self._authorise(request)
-            video, audio, params = await self._inputs(request, folder)
+        with _removed_on_failure(folder):
+            video, audio, params = await self.inputs(request, folder)
             out = folder / "out.mp4"
             frames = await self._run(video, audio, params, out, self.config.max_sync_seconds, None)
-        except BaseException as err:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not isinstance(err, Exception):  # cancelled: the client went away
-                raise
-            return self._failed("lipsync", err)
         seconds = time.perf_counter() - start
         self.requests.inc(tags={"route": "lipsync", "status": "200"})
         self.latency.observe(seconds, tags={"route": "lipsync"})
@@ -263,52 +257,38 @@ class LipSyncAPI:
 
     # --- async ------------------------------------------------------------------------------------------
     @api.post("/v1/jobs", status_code=202)
+    @_answers_errors("jobs")
     async def submit(self, request: Request):
         """Same inputs as /v1/lipsync, for clips up to `max_job_seconds`; returns {"id": ...} at once."""
-        job = _Job(uuid.uuid4().hex)
-        folder = self.work / job.id
-        folder.mkdir()
-        try:
-            self._authorise(request)
-            video, audio, params = await self._inputs(request, folder)
+        self._authorise(request)
+        job = self.jobs.new()
+        with _removed_on_failure(self.work / job.id) as folder:
+            video, audio, params = await self.inputs(request, folder)
             await asyncio.to_thread(self._check_media, video, audio, self.config.max_job_seconds)
-        except BaseException as err:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not isinstance(err, Exception):
-                raise
-            return self._failed("jobs", err)
-        self._expire()
-        self.jobs[job.id] = job
-        task = asyncio.get_running_loop().create_task(self._job(job, video, audio, params, folder))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.jobs.start(job, self._job(job, video, audio, params, folder))
         self.requests.inc(tags={"route": "jobs", "status": "202"})
         return {"id": job.id, "status": job.status}
 
     @api.get("/v1/jobs/{job_id}")
+    @_answers_errors("job_status")
     async def job_status(self, job_id: str, request: Request):
-        try:
-            self._authorise(request)
-            job = self._job_or_404(job_id)
-        except InputError as err:
-            return _error(err.status, err.field, err.message)
+        self._authorise(request)
+        job = self.jobs.get(job_id)
         progress = job.frames_done / job.frames_total if job.frames_total else 0.0
         return {"id": job.id, "status": job.status, "progress": round(progress, 3), "frames": job.frames_total, "error": job.error}
 
     @api.get("/v1/jobs/{job_id}/result", response_model=None)
+    @_answers_errors("job_result")
     async def job_result(self, job_id: str, request: Request):
-        try:
-            self._authorise(request)
-            job = self._job_or_404(job_id)
-        except InputError as err:
-            return _error(err.status, err.field, err.message)
+        self._authorise(request)
+        job = self.jobs.get(job_id)
         if job.status != "done":
             return JSONResponse({"id": job.id, "status": job.status, "error": job.error}, status_code=409 if job.status != "failed" else 422)
         if self.config.output_prefix:
             return {"id": job.id, "url": job.result}
         return FileResponse(job.result, media_type="video/mp4", filename=f"{job.id}.mp4")
 
-    async def _job(self, job: _Job, video: str, audio: str, params: dict, folder: Path) -> None:
+    async def _job(self, job: Job, video: str, audio: str, params: dict, folder: Path) -> None:
         job.status = "running"
         try:
             out = folder / "out.mp4"
@@ -327,7 +307,7 @@ class LipSyncAPI:
             shutil.rmtree(folder, ignore_errors=True)
 
     # --- the work ---------------------------------------------------------------------------------------
-    async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: _Job | None) -> int:
+    async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: Job | None) -> int:
         cfg = self.config.pipeline.with_params(params)
         plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
         if job:
@@ -366,63 +346,10 @@ class LipSyncAPI:
             raise InputError(413, "audio", f"{plan.n_out / 25:.1f} s of output is longer than the {max_seconds:.0f} s allowed here")
         return plan
 
-    def _expire(self, keep_s: float = 3600) -> None:
-        """Finished jobs and their files are kept for an hour."""
-        now = time.time()
-        for job in [j for j in self.jobs.values() if j.status in ("done", "failed") and now - j.created > keep_s]:
-            shutil.rmtree(self.work / job.id, ignore_errors=True)
-            del self.jobs[job.id]
-
-    def _failed(self, route: str, err: Exception) -> JSONResponse:
-        failure = _input_error(err)
-        self.requests.inc(tags={"route": route, "status": str(failure.status)})
-        retry = {"Retry-After": str(self.config.retry_after_s)} if failure.status == 503 else None
-        return _error(failure.status, failure.field, failure.message, retry)
-
     def _authorise(self, request: Request) -> None:
         """The key is compared in constant time and never repeated in answers or logs."""
         if self.api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), self.api_key):
             raise InputError(401, "X-API-Key", "missing or wrong API key")
-
-    def _job_or_404(self, job_id: str) -> _Job:
-        if job_id not in self.jobs:
-            raise InputError(404, "id", f"no job {job_id}")
-        return self.jobs[job_id]
-
-    async def _inputs(self, request: Request, folder: Path) -> tuple[str, str, dict]:
-        """Save the two inputs in `folder` under fixed names (uploads or URLs) and collect the per-request
-        parameters, all within `input_timeout_s`."""
-        deadline = time.monotonic() + self.config.input_timeout_s
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            files, raw = await receive.multipart(request, folder, ("video", "audio"), self.config.max_upload_bytes, deadline)
-            paths = [str(files["video"]), str(files["audio"])]
-        else:
-            try:
-                body = JobRequest.model_validate(await receive.json_body(request, deadline))
-            except ValidationError as err:
-                raise _invalid(err) from None
-            paths = [
-                await asyncio.to_thread(self._fetch, url, folder, name, deadline)
-                for name, url in (("video", body.video_url), ("audio", body.audio_url))
-            ]
-            raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
-        return paths[0], paths[1], self._params(raw)
-
-    def _fetch(self, url: str, folder: Path, name: str, deadline: float) -> str:
-        target = folder / (name + storage.safe_suffix(url))
-        storage.fetch(url, target, f"{name}_url", self.config.inputs, self.config.storage_options, self.config.max_upload_bytes, deadline)
-        return str(target)
-
-    def _params(self, raw: dict) -> dict:
-        allowed = {"steps", "guidance", "seed", "face"}
-        unknown = set(raw) - allowed
-        if unknown:
-            raise InputError(422, sorted(unknown)[0], "unknown parameter")
-        try:
-            merged = self.config.pipeline.with_params(raw)
-        except ValidationError as err:
-            raise _invalid(err) from None
-        return {k: getattr(merged, k) for k in raw}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

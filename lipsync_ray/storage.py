@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -291,16 +292,18 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 
 class InputCache:
-    """Local copies of remote inputs for decoders that need a file, in a per-process folder that keeps the
-    `keep` most recently used files (chunks of one video arrive together, so a small cache suffices). Every URL
-    is read under `policy`."""
+    """Local copies of inputs for decoders that need a file, in a per-process folder that keeps the `keep` most
+    recently used files (chunks of one video arrive together, so a small cache suffices): remote URLs, read under
+    `policy`, and bytes shipped by another process (`put`). Safe to call from several threads: a file is whole
+    before any thread sees it."""
 
     def __init__(self, policy: InputPolicy, storage_options: dict[str, Any] | None = None, keep: int = 4):
         self.policy = policy
         self.storage_options = storage_options
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="lipsync-inputs-"))
-        self._recent: list[str] = []
+        self._recent: list[Path] = []
+        self._lock = threading.Lock()
 
     def local(self, url: str, field: str = "input") -> str:
         """A local path holding `url`'s bytes; raises InputRefused (a MediaError) naming `field` and the URL when
@@ -312,16 +315,31 @@ class InputCache:
                 raise InputRefused(field, f"{url}: no such file")
             return path
         name = os.path.basename(url.rstrip("/"))  # errors about the copy then name the input's file
-        target = self.root / hashlib.sha1(url.encode()).hexdigest()[:16] / (name if SAFE_NAME.fullmatch(name) else "input" + safe_suffix(url))
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fetch(url, target, field, self.policy, self.storage_options)
-        if url in self._recent:
-            self._recent.remove(url)
-        self._recent.append(url)
-        for old in self._recent[: -self.keep]:
-            shutil.rmtree(self.root / hashlib.sha1(old.encode()).hexdigest()[:16], ignore_errors=True)
-        self._recent = self._recent[-self.keep :]
+        name = name if SAFE_NAME.fullmatch(name) else "input" + safe_suffix(url)
+        return self._kept(url, name, lambda target: fetch(url, target, field, self.policy, self.storage_options))
+
+    def put(self, name: str, digest: str, data: bytes) -> str:
+        """A local file `name` holding `data`, whose `digest` keys it: written once, however often it arrives."""
+        def write(target: Path) -> None:
+            partial = target.with_name(target.name + ".part")
+            partial.write_bytes(data)
+            partial.rename(target)
+
+        return self._kept(digest, name, write)
+
+    def _kept(self, key: str, name: str, write: Callable[[Path], Any]) -> str:
+        folder = self.root / hashlib.sha1(key.encode()).hexdigest()[:16]
+        target = folder / name
+        with self._lock:
+            if not target.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                write(target)
+            if folder in self._recent:
+                self._recent.remove(folder)
+            self._recent.append(folder)
+            for old in self._recent[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            self._recent = self._recent[-self.keep :]
         return str(target)
 
     def close(self) -> None:

@@ -65,7 +65,7 @@ def test_worker_groups_autoscale_from_zero():
 def test_rayservice_embeds_the_serve_config_and_serve_accepts_it():
     from ray.serve.schema import ServeDeploySchema
 
-    from lipsync_ray.serve import ServeConfig
+    from lipsync_ray.config import ServeConfig
 
     embedded = KUBERAY["rayservice"]["spec"]["serveConfigV2"]
     assert embedded == (ROOT / "serve" / "config.yaml").read_text()
