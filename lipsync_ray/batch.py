@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -40,6 +40,7 @@ from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import BatchConfig, LipSyncConfig
 from .media import MediaError, probe_video
+from .plan import FPS
 from .stages import (
     Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video, ray_resources, set_up,
 )
@@ -73,11 +74,10 @@ class _Plans:
         return self._plans[key]
 
 
-def plan_runs(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
-    """flat_map: one catalog row -> one row per run of `chunks_per_prepare` chunks [first, stop) (or one row saying
-    why the video cannot be planned)."""
-    job = BatchConfig.model_validate_json(job_json)
-    row = CatalogRow(**json.loads(record["row"]))
+def plan_runs(record: dict[str, Any], job: BatchConfig, rows: dict[str, CatalogRow]) -> list[dict[str, Any]]:
+    """flat_map: one catalog row (by `id`) -> one row per run of `chunks_per_prepare` chunks [first, stop) (or one
+    row saying why the video cannot be planned)."""
+    row = rows[record["id"]]
     inputs = storage.InputCache(job.inputs, job.storage_options)
     try:
         cfg = job.pipeline.with_params(row.params)
@@ -86,20 +86,20 @@ def plan_runs(record: dict[str, Any], job_json: str) -> list[dict[str, Any]]:
         storage.check_video(probe_video(video), job.inputs)  # before anything is decoded
         plan = plan_video(row.video, row.audio, cfg, inputs)
     except (MediaError, ValueError) as err:
-        return [{"row": record["row"], "first": -1, "stop": -1, "chunks": 0, "error": str(err)}]
+        return [{"id": row.id, "first": -1, "stop": -1, "chunks": 0, "error": str(err)}]
     finally:
         inputs.close()
     n, step = len(plan.chunks), job.chunks_per_prepare
-    return [{"row": record["row"], "first": a, "stop": min(a + step, n), "chunks": n, "error": ""} for a in range(0, n, step)]
+    return [{"id": row.id, "first": a, "stop": min(a + step, n), "chunks": n, "error": ""} for a in range(0, n, step)]
 
 
 class PrepareActor:
     """Ray Data wrapper of Prepare: decode, detect, align and compute audio tokens for each chunk of a run, yielding
     a row per chunk as it is ready (so Generate starts on a run's first chunk)."""
 
-    def __init__(self, job_json: str):
+    def __init__(self, job: BatchConfig, rows: dict[str, CatalogRow]):
         lower_priority()  # Generate actors may share the node
-        self.job = BatchConfig.model_validate_json(job_json)
+        self.job, self.rows = job, rows
         self.inputs = storage.InputCache(self.job.inputs, self.job.storage_options)
         self.stage = set_up(Prepare, self.job.pipeline, self.inputs)
         self.plans = _Plans(self.inputs)
@@ -110,7 +110,7 @@ class PrepareActor:
             if record["error"]:
                 yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False))
                 continue
-            row = CatalogRow(**json.loads(record["row"]))
+            row = self.rows[record["id"]]
             cfg = self.job.pipeline.with_params(row.params)
             error = ""
             for chunk in range(first, stop):
@@ -135,8 +135,8 @@ class PrepareActor:
 class GenerateActor:
     """Ray Data wrapper of Generate: latent diffusion per chunk; results are staged, small rows go on."""
 
-    def __init__(self, job_json: str):
-        self.job = BatchConfig.model_validate_json(job_json)
+    def __init__(self, job: BatchConfig, rows: dict[str, CatalogRow]):
+        self.job, self.rows = job, rows
         self.stage = set_up(Generate, self.job.pipeline)
         self.worker = _worker()
         # with `generate_prefetch` > 1 calls run in threads: one at a time in the stage, the others unpickling or staging
@@ -148,7 +148,7 @@ class GenerateActor:
             payload = record.pop("payload")
             faces, seconds, error = -1, 0.0, record["error"]
             if payload and not error:
-                row = CatalogRow(**json.loads(record["row"]))
+                row = self.rows[record["id"]]
                 cfg = self.job.pipeline.with_params(row.params)
                 try:
                     prepared = pickle.loads(payload)
@@ -187,10 +187,8 @@ def _load_chunk(plan: VideoPlan, index: int, url: str, job: BatchConfig) -> Prep
     return item
 
 
-def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
+def compose_video(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
     """One video's staged chunks -> the finished mp4 at its output URL (a Ray task, or called directly)."""
-    job = BatchConfig.model_validate_json(job_json)
-    row = CatalogRow(**json.loads(row_json))
     cfg = job.pipeline.with_params(row.params)
     inputs = storage.InputCache(job.inputs, job.storage_options)
     start = time.perf_counter()
@@ -204,26 +202,97 @@ def compose_video(job_json: str, row_json: str) -> dict[str, Any]:
             frames = stage(plan, items, local)
             storage.upload_atomic(local, row.output, job.storage_options)
         storage.remove_tree(prefix, job.storage_options)
-        return {"frames": frames, "output_seconds": frames / 25, "compose_s": time.perf_counter() - start, "error": ""}
+        return {"frames": frames, "input_seconds": plan.source.duration, "output_seconds": frames / FPS,
+                "compose_s": time.perf_counter() - start, "error": ""}
     except (MediaError, ValueError, OSError, RuntimeError) as err:
-        return {"frames": 0, "output_seconds": 0.0, "compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
+        return {"compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
     finally:
         inputs.close()
 
 
-def compose_task(job_json: str, row_json: str) -> dict[str, Any]:
+def compose_task(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
     """`compose_video` as the Ray job runs it: below the Generate actors' CPU priority, since they may share the
     node (a GPU actor waiting for a core leaves its GPU idle; a video's Compose can wait)."""
-    return at_lower_priority(compose_video, job_json, row_json)
+    return at_lower_priority(compose_video, job, row)
 
 
 @dataclass
 class _Video:
+    """What the driver knows of a video while its chunks come through."""
+
     row: CatalogRow
     chunks: int = 0
     seen: set[int] = field(default_factory=set)  # a retried Prepare call yields its run's chunks again
     faces: int = 0
+    reused: int = 0
+    prepare_s: float = 0.0
+    generate_s: float = 0.0
+    workers: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Count one chunk's row; True when it was the video's last chunk."""
+        chunk = int(record["chunk"])
+        if chunk in self.seen:
+            return False
+        self.chunks = int(record["chunks"])
+        self.seen.add(chunk)
+        self.prepare_s += float(record["prepare_s"])
+        self.generate_s += float(record["generate_s"])
+        self.reused += bool(record["reused"])
+        if record["generate_s"]:
+            self.workers.add(str(record["worker"]))
+        if record["error"]:
+            self.errors.append(str(record["error"]))
+        self.faces += max(int(record["faces"]), 0)
+        return len(self.seen) == self.chunks
+
+
+class _Driver:
+    """The driver's bookkeeping: chunk rows in, a video's Compose task out once all its chunks are staged, and a
+    manifest row for each video as it finishes (`on_video` hears of each)."""
+
+    def __init__(self, job: BatchConfig, rows: list[CatalogRow], on_video: Callable[[ManifestRow], None] | None):
+        self.job, self.on_video = job, on_video
+        self.videos = {r.id: _Video(r) for r in rows}
+        self.done: list[ManifestRow] = []
+        self.pending: dict[Any, _Video] = {}  # Compose tasks
+
+    def finish(self, v: _Video, status: str, error: str = "", **extra) -> None:
+        row = ManifestRow(v.row.id, v.row.video, v.row.audio, v.row.output, status, error, **extra)
+        self.done.append(row)
+        if self.on_video:
+            self.on_video(row)
+
+    def chunk(self, record: dict[str, Any], compose) -> None:
+        v = self.videos[record["id"]]
+        if record["chunk"] < 0:
+            self.finish(v, "failed", record["error"])
+        elif v.add(record):
+            self._complete(v, compose)
+
+    def _complete(self, v: _Video, compose) -> None:
+        cfg = self.job.pipeline.with_params(v.row.params)
+        no_face = v.faces == 0 and not v.reused  # reused chunks had faces counted last time
+        if v.errors:
+            self.finish(v, "failed", "; ".join(v.errors[:3]), chunks=v.chunks)
+        elif no_face and cfg.on_no_face == "error":
+            storage.remove_tree(_stage_prefix(self.job, v.row, cfg), self.job.storage_options)
+            self.finish(v, "failed", f"{v.row.video}: no face found in any frame", chunks=v.chunks)
+        else:
+            self.pending[compose.remote(self.job, v.row)] = v
+
+    def collect(self, ray, timeout: float | None) -> None:
+        """Manifest rows for the Compose tasks that finished within `timeout`."""
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        for ref in ready:
+            v = self.pending.pop(ref)
+            result = ray.get(ref)
+            stats = dict(
+                chunks=v.chunks, chunks_reused=v.reused, prepare_s=v.prepare_s, generate_s=v.generate_s,
+                workers=sorted(v.workers),
+            )
+            self.finish(v, "failed" if result["error"] else "ok", **result, **stats)
 
 
 def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None) -> list[ManifestRow]:
@@ -231,50 +300,43 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
     import ray
 
     rows = read_catalog(job.catalog, job.output, job.storage_options, job.output_prefixes)
-    videos = {r.id: _Video(r) for r in rows}
-    done: list[ManifestRow] = []
-
-    def finish(v: _Video, status: str, error: str = "", **extra) -> None:
-        row = ManifestRow(v.row.id, v.row.video, v.row.audio, v.row.output, status, error, **extra)
-        done.append(row)
-        if on_video:
-            on_video(row)
-
+    driver = _Driver(job, rows, on_video)
     todo = []
-    for v in videos.values():
+    for v in driver.videos.values():
         if storage.exists(v.row.output, job.storage_options):
-            finish(v, "skipped", "output exists")
+            driver.finish(v, "skipped", "output exists")
         else:
-            todo.append({"row": json.dumps(asdict(v.row))})
+            todo.append(v.row)
     if todo:
         # one chunk per block, so chunks spread over the actors instead of queueing behind their video's block
         context = ray.data.DataContext.get_current()
         block_size, context.target_max_block_size = context.target_max_block_size, 1
         try:
-            _run_pipeline(job, todo, videos, finish, ray)
+            _run_pipeline(job, todo, driver, ray)
         finally:
             context.target_max_block_size = block_size
     order = {r.id: i for i, r in enumerate(rows)}
-    manifest = sorted(done, key=lambda m: order[m.id])
+    manifest = sorted(driver.done, key=lambda m: order[m.id])
     write_manifest(manifest, job.manifest_url, job.storage_options)
     return manifest
 
 
-def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video], finish, ray) -> None:
+def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray) -> None:
+    """Ray Data rows carry a video's id; every stage gets the job and the catalog rows once, as objects."""
     from ray.data import ActorPoolStrategy
 
-    job_json = job.model_dump_json()
     gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.flat_map(plan_runs, fn_kwargs={"job_json": job_json}, num_cpus=0.5)
+    shared = {"job": job, "rows": {r.id: r for r in todo}}
+    ds = ray.data.from_items([{"id": r.id} for r in todo], override_num_blocks=len(todo))
+    ds = ds.flat_map(plan_runs, fn_kwargs=shared, num_cpus=0.5)
     ds = ds.map_batches(
-        PrepareActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=1, **ray_resources(Prepare),
+        PrepareActor, fn_constructor_kwargs=shared, batch_size=1, **ray_resources(Prepare),
         memory=job.prepare_memory_gb * 2**30,
         compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),
     )
     prefetch = job.generate_prefetch
     ds = ds.map_batches(
-        GenerateActor, fn_constructor_kwargs={"job_json": job_json}, batch_size=job.chunks_per_batch,
+        GenerateActor, fn_constructor_kwargs=shared, batch_size=job.chunks_per_batch,
         # the calls at an actor run in threads; its lock lets one at a time into the stage
         compute=ActorPoolStrategy(
             min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
@@ -283,58 +345,9 @@ def _run_pipeline(job: BatchConfig, todo: list[dict], videos: dict[str, _Video],
         **ray_resources(Generate, gpu),
     )
     compose = ray.remote(**ray_resources(Compose), max_retries=3)(compose_task)
-    pending: dict[Any, _Video] = {}
-    stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"prepare_s": 0.0, "generate_s": 0.0, "reused": 0, "workers": set()})
-
-    def collect(timeout: float) -> None:
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-        for ref in ready:
-            v = pending.pop(ref)
-            result = ray.get(ref)
-            s = stats.pop(v.row.id)
-            info = dict(
-                frames=result["frames"], output_seconds=result["output_seconds"], chunks=v.chunks,
-                chunks_reused=s["reused"], prepare_s=s["prepare_s"], generate_s=s["generate_s"],
-                compose_s=result["compose_s"], workers=sorted(s["workers"]),
-            )
-            finish(v, "failed" if result["error"] else "ok", result["error"], **info)
-
     for record in ds.iter_rows():
-        row = json.loads(record["row"])
-        v = videos[row["id"]]
-        if record["chunk"] < 0:
-            finish(v, "failed", record["error"])
-            continue
-        if int(record["chunk"]) in v.seen:
-            continue
-        v.chunks = int(record["chunks"])
-        v.seen.add(int(record["chunk"]))
-        s = stats[v.row.id]
-        s["prepare_s"] += float(record["prepare_s"])
-        s["generate_s"] += float(record["generate_s"])
-        s["reused"] += bool(record["reused"])
-        if record["generate_s"]:
-            s["workers"].add(str(record["worker"]))
-        if record["error"]:
-            v.errors.append(str(record["error"]))
-        v.faces += max(int(record["faces"]), 0)
-        if len(v.seen) == v.chunks:
-            _video_complete(job, job_json, v, compose, pending, finish, stats)
-        if pending:
-            collect(0)
-    while pending:
-        collect(None)
-
-
-def _video_complete(job, job_json, v: _Video, compose, pending, finish, stats) -> None:
-    cfg = job.pipeline.with_params(v.row.params)
-    no_face = v.faces == 0 and not stats[v.row.id]["reused"]  # reused chunks had faces counted last time
-    if v.errors:
-        stats.pop(v.row.id)
-        finish(v, "failed", "; ".join(v.errors[:3]), chunks=v.chunks)
-    elif no_face and cfg.on_no_face == "error":
-        stats.pop(v.row.id)
-        storage.remove_tree(_stage_prefix(job, v.row, cfg), job.storage_options)
-        finish(v, "failed", f"{v.row.video}: no face found in any frame", chunks=v.chunks)
-    else:
-        pending[compose.remote(job_json, json.dumps(asdict(v.row)))] = v
+        driver.chunk(record, compose)
+        if driver.pending:
+            driver.collect(ray, 0)
+    while driver.pending:
+        driver.collect(ray, None)

@@ -78,9 +78,10 @@ def test_outputs_and_manifest(first_run, tmp_path):
     stored = read_manifest("s3://media/out/manifest.parquet").set_index("id")
     assert list(stored.index) == ["short", "thirty", "long", "other", "corrupt", "missing", "chained"]
     assert stored.loc["long", "status"] == "ok" and stored.loc["long", "frames"] == 70
-    for vid, frames in [("short", 40), ("thirty", 40), ("long", 70)]:
+    for vid, frames, seconds in [("short", 40, 1.6), ("thirty", 40, 1.2), ("long", 70, 2.0)]:
         m = manifest[vid]
         assert m.frames == frames and m.output == f"s3://media/out/{vid}.mp4" and m.generate_s > 0
+        assert m.input_seconds == pytest.approx(seconds) and m.output_seconds == frames / 25
         info = probe_video(_download(m.output, tmp_path))
         assert (info.fps, info.frames, info.width, info.has_audio) == (25, frames, 270, True)
     assert fsspec.filesystem("s3").ls("media/out") == [f"media/out/{n}" for n in (".staging", "long.mp4", "manifest.parquet", "short.mp4", "thirty.mp4")]

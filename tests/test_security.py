@@ -5,7 +5,6 @@ catalog ids and outputs, and the bulk job's refused rows. No traffic leaves this
 import json
 import socket
 import time
-from dataclasses import asdict
 from urllib.parse import quote, urlsplit
 
 import fsspec
@@ -220,7 +219,7 @@ def _plan(tmp_path, video: str, audio: str, **policy) -> list[dict]:
         **({"inputs": InputPolicy(**policy)} if policy else {}),
     )
     row = CatalogRow("clip", video, audio, str(tmp_path / "out" / "clip.mp4"))
-    return plan_runs({"row": json.dumps(asdict(row))}, job.model_dump_json())
+    return plan_runs({"id": row.id}, job, {row.id: row})
 
 
 def test_bulk_job_rows_read_under_the_policy(tmp_path, no_network):
