@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import DATA, ffmpeg
+from .conftest import DATA, ffmpeg, free_port
 from .kuberay import validate
 
 ROOT = Path(__file__).parents[1]
@@ -91,12 +90,6 @@ def test_rayjob_runs_the_documented_job_command():
 
 # ---- autoscaling on one machine -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FAKE_CLUSTER = {
     "cluster_name": "fake", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
     "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
@@ -129,7 +122,7 @@ def fake_cluster():
     from ray.autoscaler._private.util import validate_config
 
     temp = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     config = copy.deepcopy(FAKE_CLUSTER)
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
     validate_config(config)
@@ -140,7 +133,7 @@ def fake_cluster():
     subprocess.run(
         ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
          f"--autoscaling-config={path}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, cwd=ROOT, check=True, capture_output=True, timeout=180,
     )
     try:

@@ -1,4 +1,3 @@
-import subprocess
 
 import av
 import numpy as np
@@ -6,11 +5,7 @@ import pytest
 
 from lipsync_ray.media import FrameReader, MediaError, VideoWriter, iter_frames, load_audio, probe_video
 
-from .conftest import DATA
-
-
-def _ffmpeg(*args):
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
+from .conftest import DATA, ffmpeg as _ffmpeg
 
 
 def test_probe_and_decode_a_range():

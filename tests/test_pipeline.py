@@ -1,7 +1,6 @@
 """End to end on real media cuts with tiny-random, through the CLI."""
 
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -9,15 +8,10 @@ from typer.testing import CliRunner
 
 from lipsync_ray.cli import app
 from lipsync_ray.media import FrameReader, probe_video
-from lipsync_ray.ahead import ahead
 
-from .conftest import DATA
+from .conftest import DATA, ffmpeg as _ffmpeg
 
 ARGS = ["--model", "tiny-random", "--steps", "2", "--detector", "offline"]
-
-
-def _ffmpeg(*args):
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +109,6 @@ def test_every_prepare_worker_is_set_up_before_the_first_video():
         assert len(processes) == 2 and all(p.is_alive() for p in processes)
 
 
-def test_prepare_runs_in_workers_by_default_only_on_gpu_hosts_with_cores(monkeypatch):
-    from lipsync_ray.config import LipSyncConfig
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 4
-    assert LipSyncConfig(device="cpu").resolved_prepare_workers() == 0
-    assert LipSyncConfig(device="cuda", prepare_workers=0).resolved_prepare_workers() == 0
-    assert LipSyncConfig(device="cpu", prepare_workers=3).resolved_prepare_workers() == 3
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 2
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert LipSyncConfig(device="cuda").resolved_prepare_workers() == 0
-
-
 def test_lower_priority_work_runs_in_its_own_thread_and_leaves_the_caller_as_it_was():
     from lipsync_ray.stages import PREPARE_NICE, at_lower_priority
 
@@ -167,44 +147,3 @@ def test_demo_falls_back_to_tiny_random_without_weights(tmp_path, monkeypatch):
 def test_bad_option_names_the_option(clips, tmp_path):
     result = CliRunner().invoke(app, ["run", str(clips / "v.mp4"), str(clips / "a 'ü'.m4a"), "-o", str(tmp_path / "o.mp4"), *ARGS, "--resolution", "300"])
     assert result.exit_code == 2 and "--resolution" in result.output
-
-
-def test_ahead_keeps_order_bounds_its_lookahead_and_reraises():
-    import threading
-    import time
-
-    started, threads = [], set()
-
-    def square(x):
-        started.append(x)
-        threads.add(threading.current_thread().name)
-        return x * x
-
-    results = ahead(square, range(10), depth=2)
-    assert next(results) == 0
-    time.sleep(0.2)
-    assert len(started) == 3  # the one taken and two ahead, no more
-    assert list(results) == [x * x for x in range(1, 10)]
-    assert threading.current_thread().name not in threads
-
-    def fails_at_3(x):
-        if x == 3:
-            raise ValueError("bad item 3")
-        return x
-
-    with pytest.raises(ValueError, match="bad item 3"):
-        list(ahead(fails_at_3, range(10), depth=2))
-
-    finished = []
-
-    def slow(x):
-        time.sleep(0.3)
-        finished.append(x)
-
-    def inputs_failing_at_1():  # as Compose's pasted frames when Generate fails: the write in flight must end first
-        yield 0
-        raise ValueError("bad input 1")
-
-    with pytest.raises(ValueError, match="bad input 1"):
-        list(ahead(slow, inputs_failing_at_1(), depth=2))
-    assert finished == [0]
