@@ -6,13 +6,9 @@ and `SyncNetInstance.evaluate` (the code behind published LSE-D / LSE-C numbers)
 contract's seeded test weights (`seeded_weights`, shared with the GFPGAN fixtures' tests).
 """
 
-import functools
 import json
 import shutil
-import threading
 import time
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import jsonschema
 import numpy as np
@@ -30,7 +26,7 @@ from lipsync_ray.models import CheckpointMismatchError, SyncNet
 from lipsync_ray.models import download as dl
 from lipsync_ray.models.syncnet import load_syncnet, mfcc, syncnet_path
 
-from .conftest import DATA, ffmpeg, load_fixture
+from .conftest import DATA, ffmpeg, load_fixture, loopback_http
 from .test_enhance import seeded_weights
 
 EVAL = ["--model", "tiny-random", "--detector", "offline"]
@@ -127,29 +123,17 @@ def test_download_eval_offline_fails_fast_naming_url_and_path(tmp_path, monkeypa
     assert result.exit_code == 2 and url in result.output
 
 
-@contextmanager
-def serving(folder):
-    """An HTTP server on 127.0.0.1 for `folder`'s files; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_download_eval_keeps_only_a_loadable_model(tmp_path, monkeypatch):
     served, root = tmp_path / "served", tmp_path / "checkpoints"
     served.mkdir()
     (served / "moved.html").write_text("<html>moved</html>")
     torch.save(seeded_weights(_contract_keys()), served / "syncnet_v2.model")
-    with serving(served) as base:
-        monkeypatch.setattr(dl, "SYNCNET_URL", f"{base}/moved.html")
+    with loopback_http(served) as base:
+        monkeypatch.setattr(dl, "SYNCNET_URL", f"{base}/files/moved.html")
         with pytest.raises(dl.DownloadError, match="fetching SyncNet v2 failed"):
             dl.download_syncnet(root)
         assert not [p for p in root.rglob("*") if p.is_file()]
-        monkeypatch.setattr(dl, "SYNCNET_URL", f"{base}/syncnet_v2.model")
+        monkeypatch.setattr(dl, "SYNCNET_URL", f"{base}/files/syncnet_v2.model")
         assert dl.download_syncnet(root) == syncnet_path(root)
     load_syncnet("syncnet-v2", root)
 
