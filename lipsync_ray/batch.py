@@ -14,6 +14,9 @@ Why this shape:
   reuses finished chunks of unfinished ones, and the driver only sees small status rows.
 - Composing a video is one task that streams frames to the encoder once all its chunks are staged, so finished
   videos appear while others are still in the pipeline and memory stays bounded per chunk, not per video.
+- Face restoration (`enhance`) runs in a video's Compose task, which then takes a quarter of a GPU beside a Generate
+  actor that takes the rest (`_ComposeTasks`, `stages.ray_resources`): restored where the GPU is, with no further
+  stage and no frames crossing nodes.
 - A failing video (missing object, corrupt file, no face, a failing chunk) becomes a `failed` manifest row; the
   rest of the job goes on. Actors that die are restarted and their tasks retried (Ray Data's defaults for actor
   pools); a Compose task is retried up to three times.
@@ -42,7 +45,8 @@ from .config import BatchConfig, LipSyncConfig
 from .media import MediaError, probe_video
 from .plan import FPS
 from .stages import (
-    Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, lower_priority, plan_video, ray_resources, set_up,
+    Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, check_weights, compose_device, lower_priority,
+    plan_video, ray_resources, set_up,
 )
 
 
@@ -192,18 +196,19 @@ def compose_video(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
     cfg = job.pipeline.with_params(row.params)
     inputs = storage.InputCache(job.inputs, job.storage_options)
     start = time.perf_counter()
+    stats = {"enhance_s": 0.0}
     try:
-        stage = set_up(Compose, cfg, inputs)
+        stage = set_up(Compose, cfg, inputs, device=compose_device(cfg))
         plan = plan_video(row.video, row.audio, cfg, inputs)
         prefix = _stage_prefix(job, row, cfg)
         items = (_load_chunk(plan, c.index, _chunk_url(prefix, c.index), job) for c in plan.chunks)
         with tempfile.TemporaryDirectory(prefix="lipsync-out-") as tmp:
             local = os.path.join(tmp, f"{row.id}.mp4")
-            frames = stage(plan, items, local)
+            frames = stage(plan, items, local, stats=stats)
             storage.upload_atomic(local, row.output, job.storage_options)
         storage.remove_tree(prefix, job.storage_options)
         return {"frames": frames, "input_seconds": plan.source.duration, "output_seconds": frames / FPS,
-                "compose_s": time.perf_counter() - start, "error": ""}
+                "compose_s": time.perf_counter() - start, **stats, "error": ""}
     except (MediaError, ValueError, OSError, RuntimeError) as err:
         return {"compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
     finally:
@@ -214,6 +219,22 @@ def compose_task(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
     """`compose_video` as the Ray job runs it: below the Generate actors' CPU priority, since they may share the
     node (a GPU actor waiting for a core leaves its GPU idle; a video's Compose can wait)."""
     return at_lower_priority(compose_video, job, row)
+
+
+def _restores(job: BatchConfig, row: CatalogRow) -> bool:
+    """The row's video has its faces restored."""
+    return row.params.get("enhance", job.pipeline.enhance) != "none"
+
+
+class _ComposeTasks:
+    """`compose_task` as Ray tasks: a CPU each, and for a video whose faces are restored a share of a GPU as well
+    (`ray_resources`), so that restoration runs where the GPU is, beside a Generate actor that leaves it room."""
+
+    def __init__(self, ray, gpu: bool):
+        self.task, self.gpu = ray.remote(max_retries=3)(compose_task), gpu
+
+    def remote(self, job: BatchConfig, row: CatalogRow):
+        return self.task.options(**ray_resources(Compose, self.gpu, _restores(job, row))).remote(job, row)
 
 
 @dataclass
@@ -307,6 +328,7 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
             driver.finish(v, "skipped", "output exists")
         else:
             todo.append(v.row)
+    _check_weights(job, todo)
     if todo:
         # one chunk per block, so chunks spread over the actors instead of queueing behind their video's block
         context = ray.data.DataContext.get_current()
@@ -321,11 +343,23 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
     return manifest
 
 
+def _check_weights(job: BatchConfig, rows: list[CatalogRow]) -> None:
+    """An optional model that the job or a row asks for without its weights: `stages.MissingWeights` before the job
+    starts. Rows with bad parameters are left to fail on their own."""
+    for row in rows:
+        try:
+            cfg = job.pipeline.with_params(row.params)
+        except ValueError:
+            continue
+        check_weights(cfg)
+
+
 def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray) -> None:
     """Ray Data rows carry a video's id; every stage gets the job and the catalog rows once, as objects."""
     from ray.data import ActorPoolStrategy
 
     gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    restoring = any(_restores(job, row) for row in todo)
     shared = {"job": job, "rows": {r.id: r for r in todo}}
     ds = ray.data.from_items([{"id": r.id} for r in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(plan_runs, fn_kwargs=shared, num_cpus=0.5)
@@ -342,9 +376,9 @@ def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray
             min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
-        **ray_resources(Generate, gpu),
+        **ray_resources(Generate, gpu, restoring),
     )
-    compose = ray.remote(**ray_resources(Compose), max_retries=3)(compose_task)
+    compose = _ComposeTasks(ray, gpu)
     for record in ds.iter_rows():
         driver.chunk(record, compose)
         if driver.pending:

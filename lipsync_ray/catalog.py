@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from . import storage
 
 # per-row parameters a catalog may set; the model and its resolution are fixed per job (one model per actor)
-ROW_PARAMETERS = ("steps", "guidance", "seed", "scheduler", "deepcache", "face", "on_no_face")
+ROW_PARAMETERS = ("steps", "guidance", "seed", "scheduler", "deepcache", "face", "on_no_face", "enhance",
+                  "enhance_strength")
 
 
 class CatalogError(ValueError):
@@ -102,6 +103,7 @@ class ManifestRow:
     prepare_s: float = 0.0
     generate_s: float = 0.0
     compose_s: float = 0.0
+    enhance_s: float = 0.0  # of compose_s: restoring faces
     workers: list[str] = field(default_factory=list)  # the Generate actors that ran this video's chunks
 
 
@@ -110,7 +112,7 @@ MANIFEST_SCHEMA = pa.schema(
     + [("frames", pa.int64())]
     + [(f, pa.float64()) for f in ("input_seconds", "output_seconds")]
     + [(f, pa.int64()) for f in ("chunks", "chunks_reused")]
-    + [(f, pa.float64()) for f in ("prepare_s", "generate_s", "compose_s")]
+    + [(f, pa.float64()) for f in ("prepare_s", "generate_s", "compose_s", "enhance_s")]
     + [("workers", pa.list_(pa.string()))]
 )
 

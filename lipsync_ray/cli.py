@@ -45,6 +45,8 @@ AudioMode = Annotated[str, typer.Option(help=_help("audio_mode"))]
 Checkpoints = Annotated[Optional[Path], typer.Option(help=_help("checkpoints"))]
 Device = Annotated[str, typer.Option(help=_help("device"))]
 WindowsPerChunk = Annotated[int, typer.Option(help=_help("windows_per_chunk"))]
+Enhance = Annotated[str, typer.Option(help=_help("enhance"))]
+EnhanceStrength = Annotated[float, typer.Option(help=_help("enhance_strength"))]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help=_help("compile"))]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help=_help("cuda_graphs"))]
 PrepareWorkers = Annotated[Optional[int], typer.Option(help=_help("prepare_workers"))]
@@ -63,6 +65,13 @@ def make_config(**options):
         raise typer.Exit(2)
     if cfg.preset().random_weights:
         typer.echo(f"warning: {cfg.model} has random weights and produces meaningless mouths", err=True)
+    from .stages import MissingWeights, check_weights
+
+    try:
+        check_weights(cfg)  # an optional model (--enhance) without its weights: before any video work
+    except MissingWeights as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
     return cfg
 
 
@@ -115,6 +124,8 @@ def run(
     compile: Compile = _default("compile"),
     cuda_graphs: CudaGraphs = _default("cuda_graphs"),
     prepare_workers: PrepareWorkers = _default("prepare_workers"),
+    enhance: Enhance = _default("enhance"),
+    enhance_strength: EnhanceStrength = _default("enhance_strength"),
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
 
@@ -169,6 +180,8 @@ def batch(
     windows_per_chunk: WindowsPerChunk = _default("windows_per_chunk"),
     compile: Compile = _default("compile"),
     cuda_graphs: CudaGraphs = _default("cuda_graphs"),
+    enhance: Enhance = _default("enhance"),
+    enhance_strength: EnhanceStrength = _default("enhance_strength"),
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
     prepare_actors: Annotated[str, typer.Option(help=_help("prepare_actors", BatchConfig))] = _default("prepare_actors", BatchConfig),
     generate_actors: Annotated[str, typer.Option(help=_help("generate_actors", BatchConfig))] = _default("generate_actors", BatchConfig),
@@ -181,7 +194,7 @@ def batch(
     """Lip-sync every row of a video catalog on a Ray cluster, writing outputs and a manifest under OUTPUT.
 
     Reruns skip videos whose output exists and reuse finished chunks. Exit codes: 0 all videos ok or skipped,
-    1 some failed (see the manifest), 2 bad catalog or options.
+    1 some failed (see the manifest), 2 bad catalog, bad options or missing weights.
     """
     options = dict(locals())
     import json
@@ -209,7 +222,7 @@ def batch(
     console = Console(stderr=True)
     try:
         manifest = run_batch(job, on_video=lambda m: console.print(f"{m.status:8} {m.id}  {m.error or m.output}"))
-    except CatalogError as err:
+    except (CatalogError, FileNotFoundError) as err:  # a bad catalog, or an optional model's missing weights
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     table = Table("id", "status", "frames", "seconds", "output / error")

@@ -21,6 +21,7 @@ measure to compare with and without restoration on a static-face clip.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import kornia
@@ -48,9 +49,11 @@ def five_points(aligner: FaceAligner, matrices: torch.Tensor) -> np.ndarray:
     return (crop @ inv[:, :, :2].transpose(1, 2) + inv[:, None, :, 2]).numpy()
 
 
+@lru_cache(maxsize=4)
 def regenerated_region(resolution: int) -> torch.Tensor:
     """The crop's lower face that lip-sync regenerates (mask.png == 0) as weights (res, res), feathered inward:
-    eroded, then blurred no further than the erosion, so that it stays inside the regenerated pixels."""
+    eroded, then blurred no further than the erosion, so that it stays inside the regenerated pixels. Computed once
+    per resolution: callers must not change it."""
     feather = max(1, resolution // 32)
     region = erode((1 - load_mask(resolution))[None, None], 2 * feather)
     sigma = feather / 2

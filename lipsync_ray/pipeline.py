@@ -23,8 +23,8 @@ import torch
 from .ahead import ahead
 from .config import LipSyncConfig
 from .stages import (
-    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, chunk_parts, kept, lower_priority,
-    plan_video, set_up,
+    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, check_weights, chunk_parts, kept,
+    lower_priority, plan_video, set_up,
 )
 
 @dataclass
@@ -79,6 +79,7 @@ class LipSyncPipeline:
     """The stages set up once (Prepare in its own processes with `prepare_workers`), reusable across videos."""
 
     def __init__(self, cfg: LipSyncConfig):
+        check_weights(cfg)  # an optional model's missing weights: before any worker or model starts
         self.cfg = cfg
         self.workers: ProcessPoolExecutor | None = None
         self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)

@@ -18,7 +18,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from . import storage
-from .config import ServeConfig
+from .config import EnhanceMode, LipSyncConfig, ServeConfig
+from .stages import MissingWeights, check_weights
 from .storage import InputRefused, InputTimeout, InputTooLarge, safe_suffix
 
 FIELD_BYTES = 1024  # a form field (steps, seed, ...) is short text
@@ -49,13 +50,15 @@ class JobRequest(BaseModel):
     guidance: float | None = Field(None, ge=1.0, le=20.0)
     seed: int | None = None
     face: str | None = None
+    enhance: EnhanceMode | None = None
+    enhance_strength: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class RequestInputs:
     """A request's two inputs, saved under fixed names in its folder (multipart uploads or fetched URLs), and its
     per-request parameters, validated against the service's pipeline config."""
 
-    PARAMS = ("steps", "guidance", "seed", "face")
+    PARAMS = ("steps", "guidance", "seed", "face", "enhance", "enhance_strength")
 
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -79,6 +82,19 @@ class RequestInputs:
             raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
         return paths[0], paths[1], self._params(raw)
 
+    @classmethod
+    def openapi(cls) -> dict:
+        """The request body of the routes that take inputs, for the OpenAPI docs (the routes read the request
+        themselves): multipart files and form fields, or JSON URLs, with the per-request parameters."""
+        body, described = JobRequest.model_json_schema(), LipSyncConfig.model_json_schema()
+        for name in cls.PARAMS:
+            body["properties"][name]["description"] = described["properties"][name]["description"]
+        files = {name: {"type": "string", "format": "binary"} for name in ("video", "audio")}
+        params = {name: body["properties"][name] for name in cls.PARAMS}
+        form = {"type": "object", "required": ["video", "audio"], "properties": {**files, **params}}
+        content = {"multipart/form-data": {"schema": form}, "application/json": {"schema": body}}
+        return {"requestBody": {"required": True, "content": content}}
+
     def _fetch(self, url: str, folder: Path, name: str, deadline: float) -> str:
         target = folder / (name + safe_suffix(url))
         storage.fetch(url, target, f"{name}_url", self.config.inputs, self.config.storage_options, self.config.max_upload_bytes, deadline)
@@ -92,6 +108,10 @@ class RequestInputs:
             merged = self.config.pipeline.with_params(raw)
         except ValidationError as err:
             raise invalid(err) from None
+        try:
+            check_weights(merged)
+        except MissingWeights as err:  # the message names our paths: not for the client
+            raise InputError(422, err.option, f"{getattr(merged, err.option)} is not available on this service") from None
         return {k: getattr(merged, k) for k in raw}
 
 

@@ -39,7 +39,7 @@ from . import storage
 from .config import InputPolicy, LipSyncConfig, ServeConfig
 from .receive import InputError, RequestInputs
 from .media import MediaError, probe_video
-from .stages import Compose, Generate, PreparedChunk, Prepare, plan_video, ray_resources, set_up
+from .stages import Compose, Generate, PreparedChunk, Prepare, check_weights, compose_device, plan_video, ray_resources, set_up
 
 
 log = logging.getLogger("ray.serve")
@@ -211,7 +211,7 @@ class LipSyncAPI:
         self.work = Path(tempfile.mkdtemp(prefix="lipsync-requests-", dir=self.config.work_dir))
         self.inputs = RequestInputs(self.config)
         self.jobs = JobStore(self.work)
-        self.compose = set_up(Compose, self.config.pipeline)
+        self.compose = set_up(Compose, self.config.pipeline, device=compose_device(self.config.pipeline))
         self.requests = Counter("lipsync_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.latency = Histogram(
             "lipsync_request_seconds", "request latency", boundaries=[1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("route",)
@@ -232,7 +232,10 @@ class LipSyncAPI:
         return JSONResponse({"ready": True})
 
     # --- sync -------------------------------------------------------------------------------------------
-    @api.post("/v1/lipsync", response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}}})
+    @api.post(
+        "/v1/lipsync", response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}}},
+        openapi_extra=RequestInputs.openapi(),
+    )
     @_answers_errors("lipsync")
     async def lipsync(self, request: Request):
         """Multipart `video` and `audio` files, or JSON `video_url` and `audio_url`; optional steps, guidance,
@@ -256,7 +259,7 @@ class LipSyncAPI:
         )
 
     # --- async ------------------------------------------------------------------------------------------
-    @api.post("/v1/jobs", status_code=202)
+    @api.post("/v1/jobs", status_code=202, openapi_extra=RequestInputs.openapi())
     @_answers_errors("jobs")
     async def submit(self, request: Request):
         """Same inputs as /v1/lipsync, for clips up to `max_job_seconds`; returns {"id": ...} at once."""
@@ -327,7 +330,7 @@ class LipSyncAPI:
                 job.frames_done += n
 
         try:
-            return await asyncio.to_thread(self.compose, plan, items, out, progress)
+            return await asyncio.to_thread(self.compose, plan, items, out, progress, cfg)
         except MediaError as err:  # a stream that probes fine but does not decode
             raise InputError(422, "video", str(err).replace(str(Path(video).parent) + "/", "")) from None
 
@@ -355,6 +358,8 @@ class LipSyncAPI:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run/deploy`, KubeRay's RayService and `lipsync-ray serve`."""
     config = ServeConfig.model_validate(args or {})
+    check_weights(config.pipeline)  # the service's own optional models: missing weights fail the deployment here
+    restoring = config.pipeline.enhance != "none"  # the ingress restores faces on a share of a GPU
     pipeline = config.pipeline.model_dump()
 
     def autoscaling(replicas: tuple[int, int]) -> dict:
@@ -365,10 +370,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ).bind(pipeline)
     generate = GenerateDeployment.options(
         autoscaling_config=autoscaling(config.generate_replicas), max_ongoing_requests=2,
-        ray_actor_options=ray_resources(Generate, config.gpu),
+        ray_actor_options=ray_resources(Generate, config.gpu, restoring),
     ).bind(pipeline)
     return LipSyncAPI.options(
         max_ongoing_requests=config.max_ongoing_requests, max_queued_requests=config.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": config.retry_after_s},
-        ray_actor_options=ray_resources(Compose),  # the ingress composes the results
+        ray_actor_options=ray_resources(Compose, config.gpu, restoring),  # the ingress composes the results
     ).bind(config.model_dump(), prepare, generate)

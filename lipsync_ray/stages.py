@@ -7,8 +7,10 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
@@ -23,9 +25,11 @@ from .ahead import ahead
 from .audio import EncodedWindows, chunk_features, mel_ceiling
 from .config import LipSyncConfig
 from .diffusion import LipSyncDiffusion
+from .enhance import FaceRestorer, five_points, restoration_masks
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
+from .models.gfpgan import restorer_weights
 from .models.presets import checkpoints_root, load_components, load_whisper
 from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
 from .storage import InputCache
@@ -34,6 +38,7 @@ from .storage import InputCache
 ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
 PASTE_GROUP = 16  # frames pasted back together by Compose
 PREPARE_NICE = 5  # how much lower the CPU priority of Prepare's worker processes is than the GPU stage's
+RESTORE_GPU = 0.25  # of a GPU: what a Compose that restores faces requests in the Ray job and Serve
 
 T = TypeVar("T")
 S = TypeVar("S", "Prepare", "Generate", "Compose")
@@ -249,6 +254,7 @@ class Generate:
     """GPU (falls back to CPU): latent diffusion over a chunk's windows."""
 
     resources = {"num_cpus": 1, "num_gpus": 1}
+    restoring_resources = {"num_cpus": 1, "num_gpus": 1 - RESTORE_GPU}  # leaves a restoring Compose its share
 
     def __init__(self, cfg: LipSyncConfig):
         self.cfg = cfg
@@ -310,7 +316,8 @@ def stitch(plan: VideoPlan, items: Iterable[PreparedChunk], overlap: int) -> Ite
 
 class Compose:
     """CPU: stitch chunks in frame order, paste the faces back into the decoded frames, encode, mux, move.
-    `device` is where faces are pasted back (the in-process pipeline passes its GPU).
+    `device` is where faces are pasted back (the in-process pipeline passes its GPU). With `enhance` the pasted
+    faces are restored right after paste-back, on the same device (see `_Restoration`).
 
     Frames are pasted PASTE_GROUP at a time. On a GPU that runs on a CUDA stream of its own: each group waits for
     its result, and on the default stream that wait would also cover all the diffusion work that Generate (another
@@ -318,6 +325,8 @@ class Compose:
     SMs free up."""
 
     resources = {"num_cpus": 1}
+    # restoring faces (`enhance`): a share of a GPU, so that the Ray job and Serve restore where the GPU is
+    restoring_resources = {"num_cpus": 1, "num_gpus": RESTORE_GPU}
 
     def __init__(self, cfg: LipSyncConfig, inputs: InputCache | None = None, device: str = "cpu"):
         self.cfg, self.inputs, self.device = cfg, inputs, device
@@ -325,13 +334,20 @@ class Compose:
     def setup(self) -> None:
         self.aligner = FaceAligner(self.cfg.preset().resolution, self.device)
         self.stream = torch.cuda.Stream(self.device, priority=-1) if torch.device(self.device).type == "cuda" else None
+        if self.cfg.enhance != "none":  # loaded now: missing weights fail here, not in the middle of a video
+            face_restorer(self.cfg.enhance, self.cfg.checkpoints, str(self.device))
 
-    def __call__(self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None) -> int:
-        """`items` yields PreparedChunks in chunk order; returns the number of frames written.
+    def __call__(
+        self, plan: VideoPlan, items: Iterable[PreparedChunk], output: str | Path, progress=None,
+        cfg: LipSyncConfig | None = None, stats: dict[str, float] | None = None,
+    ) -> int:
+        """`items` yields PreparedChunks in chunk order; returns the number of frames written. `cfg` may override
+        the stage's face restoration (per-video parameters); `stats["enhance_s"]` adds up its seconds.
 
         Three threads overlap: one decodes the next groups of source frames (their order is known from the plan
         alone), this one pastes, and one feeds the encoder. Each holds at most two groups ahead."""
         written = 0
+        restoration = _Restoration.of(cfg or self.cfg, self.aligner, str(self.device))
         video, audio = local_path(self.inputs, plan.video), local_path(self.inputs, plan.audio)
         groups = [range(f, min(f + PASTE_GROUP, plan.n_out)) for f in range(0, plan.n_out, PASTE_GROUP)]
         with (
@@ -345,26 +361,88 @@ class Compose:
 
             with closing(ahead(decode, groups, depth=2)) as decoded:
                 stitched = chunked(stitch(plan, items, self.cfg.window_overlap), PASTE_GROUP)
-                pasted = (self._paste(group, frames) for group, frames in zip(stitched, decoded))
+                pasted = (self._paste(group, frames, restoration) for group, frames in zip(stitched, decoded))
                 with closing(ahead(writer.write_all, pasted, depth=2)) as encoded:
                     for count in encoded:
                         written += count
                         if progress:
                             progress(count)
+        if stats is not None and restoration is not None:
+            stats["enhance_s"] = stats.get("enhance_s", 0.0) + restoration.seconds
         return written
 
-    def _paste(self, group, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """Stitched output frames `group` pasted into their decoded source `frames`."""
+    def _paste(self, group, frames: list[np.ndarray], restoration: _Restoration | None = None) -> list[np.ndarray]:
+        """Stitched output frames `group` pasted into their decoded source `frames` (and their faces restored)."""
         with_face = [i for i, (_, _, has_face, _) in enumerate(group) if has_face]
         if with_face:
             crops = torch.from_numpy(np.stack([group[i][1] for i in with_face])).permute(0, 3, 1, 2).float() / 127.5 - 1
             matrices = torch.from_numpy(np.stack([group[i][3] for i in with_face]))
             pasted = self.aligner.restore(
                 np.stack([frames[i] for i in with_face]), self.aligner.from_model_size(crops), matrices
-            )
-            for i, frame in zip(with_face, pasted.numpy()):
+            ).numpy()
+            if restoration is not None:
+                pasted = restoration(pasted, matrices)
+            for i, frame in zip(with_face, pasted):
                 frames[i] = frame
         return frames
+
+
+@functools.lru_cache(maxsize=2)
+def face_restorer(preset: str, checkpoints: str | None, device: str) -> FaceRestorer:
+    """A face restorer loaded once per process: a Ray worker composes many videos, Serve's ingress many requests."""
+    restorer = FaceRestorer(preset, checkpoints, device)
+    restorer.setup()
+    return restorer
+
+
+@dataclass
+class _Restoration:
+    """Compose's face restoration for one video: GFPGAN on the pasted frames, blended back only inside the
+    regenerated lower face (`enhance.restoration_masks`), faces batched as Compose pastes them; `seconds` adds up
+    its time. Runs in fp32 (fp16 has not been compared with it on a GPU yet)."""
+
+    restorer: FaceRestorer
+    aligner: FaceAligner
+    strength: float
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: LipSyncConfig, aligner: FaceAligner, device: str) -> _Restoration | None:
+        if cfg.enhance == "none":
+            return None
+        return cls(face_restorer(cfg.enhance, cfg.checkpoints, device), aligner, cfg.enhance_strength)
+
+    def __call__(self, frames: np.ndarray, matrices: torch.Tensor) -> np.ndarray:
+        """Pasted frames (F, H, W, 3) uint8 whose faces `matrices` (F, 2, 3) aligned, restored."""
+        start = time.perf_counter()
+        masks = restoration_masks(self.aligner, matrices, *frames.shape[1:3])
+        restored = self.restorer(frames, five_points(self.aligner, matrices), masks, self.strength)
+        self.seconds += time.perf_counter() - start
+        return restored
+
+
+def compose_device(cfg: LipSyncConfig) -> str:
+    """Where a Ray task's or Serve replica's Compose works: on the GPU share it requested when it restores faces
+    (`ray_resources`), else on its CPU."""
+    return cfg.resolved_device() if cfg.enhance != "none" else "cpu"
+
+
+class MissingWeights(FileNotFoundError):
+    """An optional model's weights are not installed; `option` is the config field that asked for the model."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def check_weights(cfg: LipSyncConfig) -> None:
+    """Raise MissingWeights, naming the file and the command that downloads it, when an optional model that `cfg`
+    asks for has no weights: called before any video work starts (`run`, the bulk job, Serve)."""
+    try:
+        if cfg.enhance != "none":
+            restorer_weights(cfg.enhance, cfg.checkpoints)
+    except FileNotFoundError as err:
+        raise MissingWeights("enhance", str(err)) from None
 
 
 def set_up(stage_class: type[S], *args, **kwargs) -> S:
@@ -374,7 +452,9 @@ def set_up(stage_class: type[S], *args, **kwargs) -> S:
     return stage
 
 
-def ray_resources(stage_class: type, gpu: bool = True) -> dict[str, float]:
+def ray_resources(stage_class: type, gpu: bool = True, restoring: bool = False) -> dict[str, float]:
     """What a Ray actor, task or Serve replica running `stage_class` requests: its declared resources, less the GPU
-    where there is none (the GPU stage then runs on a CPU)."""
-    return {k: v for k, v in stage_class.resources.items() if gpu or k != "num_gpus"}
+    where there is none (the GPU stage then runs on a CPU). `restoring`: the work restores faces, and a stage
+    that declares `restoring_resources` requests those (Compose a quarter of a GPU, Generate the rest of one)."""
+    declared = getattr(stage_class, "restoring_resources", stage_class.resources) if restoring else stage_class.resources
+    return {k: v for k, v in declared.items() if gpu or k != "num_gpus"}

@@ -130,3 +130,22 @@ def test_cli_batch_on_local_files(ray_local, bucket, tmp_path):
     assert probe_video(tmp_path / "out" / "short.mp4").frames == 40
     bad = CliRunner().invoke(app, ["batch", "--catalog", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"), *args])
     assert bad.exit_code == 2 and "none.csv: no such catalog" in bad.output
+
+
+def test_rows_asking_for_restoration_are_restored_as_run_restores_them(ray_local, bucket, tmp_path):
+    short, speech = bucket / "short.mp4", bucket / "a16.wav"
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text(f"id,video,audio,enhance,enhance_strength\nplain,{short},{speech},,\nrestored,{short},{speech},tiny-random,1\n")
+    args = ["--model", "tiny-random", "--steps", "1", "--detector", "offline", "--prepare-actors", "1,1", "--generate-actors", "1,1"]
+    result = CliRunner().invoke(app, ["batch", "--catalog", str(catalog), "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(str(tmp_path / "out" / "manifest.parquet")).set_index("id")
+    assert manifest.loc["plain", "enhance_s"] == 0
+    assert 0 < manifest.loc["restored", "enhance_s"] < manifest.loc["restored", "compose_s"]
+    local = tmp_path / "run.mp4"
+    cli_run_like_a_ray_worker(str(short), str(speech), "-o", str(local), *args[:6], "--enhance", "tiny-random", "--enhance-strength", "1")
+    with FrameReader(local) as run, FrameReader(tmp_path / "out" / "restored.mp4") as job, FrameReader(tmp_path / "out" / "plain.mp4") as plain:
+        assert run.frames == job.frames == 40
+        assert any(not np.array_equal(job[i], plain[i]) for i in range(0, 40, 8))
+        for i in range(40):
+            np.testing.assert_array_equal(job[i], run[i])

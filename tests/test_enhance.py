@@ -17,17 +17,23 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import binary_dilation
 from typer.testing import CliRunner
 
+from lipsync_ray.batch import run_batch
 from lipsync_ray.cli import app
+from lipsync_ray.config import BatchConfig, LipSyncConfig
 from lipsync_ray.enhance import FaceRestorer, five_points, masked_flicker, restoration_masks
 from lipsync_ray.faces import FaceAligner
+from lipsync_ray.media import FrameReader
 from lipsync_ray.models import GFPGAN, CheckpointMismatchError
 from lipsync_ray.models import download as dl
 from lipsync_ray.models import gfpgan
 from lipsync_ray.models.checkpoint import load_state_dict_strict
+from lipsync_ray.serve import api, build_app
+from lipsync_ray.stages import Compose, Generate, MissingWeights, Prepare, _Restoration, ray_resources, set_up
 
-from .conftest import DATA, load_fixture
+from .conftest import DATA, ffmpeg, load_fixture
 
 
 def seeded_weights(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -269,3 +275,106 @@ def test_a_static_face_stays_static(scene, restorer):
     out = restorer(still, np.repeat(points[:1], 4, axis=0), np.repeat(masks[:1], 4, axis=0), 1.0)
     assert masked_flicker(out, np.repeat(masks[:1], 4, axis=0)) == 0.0
     assert masked_flicker(frames, masks) > 0
+
+
+# -- on every path: run, the bulk job (tests/test_batch.py) and Serve (tests/test_serve.py) -----------------------
+TINY_RUN = ["--model", "tiny-random", "--steps", "1", "--detector", "offline"]
+
+
+def test_compose_restores_faces_only_inside_the_mask(scene):
+    """Compose's paste-back with restoration: the frames pasted without it, changed only inside the restoration
+    masks, the same on every call; a frame without a face is left alone."""
+    cfg = LipSyncConfig(model="tiny-random", enhance="tiny-random", enhance_strength=1.0)
+    compose = set_up(Compose, cfg)
+    frames, _, _ = scene
+    frames = [*frames, frames[0]]
+    matrices = compose.aligner.estimate(torch.stack(load_fixture("align_restore.pt")["landmarks3"]).numpy())[0].numpy()
+    crops = np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    group = [(i, crops[i], i < 2, matrices[min(i, 1)]) for i in range(3)]
+    restoration = _Restoration.of(cfg, compose.aligner, "cpu")
+    plain = compose._paste(group, [f.copy() for f in frames])
+    restored = compose._paste(group, [f.copy() for f in frames], restoration)
+    masks = restoration_masks(compose.aligner, torch.from_numpy(matrices), *frames[0].shape[:2])
+    for before, after, mask in zip(plain[:2], restored[:2], masks):
+        assert np.array_equal(after[mask == 0], before[mask == 0])
+        assert (after != before).any(-1).sum() > 0.5 * (mask > 128).sum()
+    assert np.array_equal(restored[2], frames[2])
+    again = compose._paste(group, [f.copy() for f in frames], restoration)
+    assert all(np.array_equal(a, b) for a, b in zip(again, restored)) and restoration.seconds > 0
+    assert _Restoration.of(cfg.with_params({"enhance": "none"}), compose.aligner, "cpu") is None
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("enhance_clip")
+    ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-t", "1.2", "-vf", "scale=270:480", "-c:v", "libx264", "-an", str(folder / "v.mp4"))
+    ffmpeg("-i", str(DATA / "demo1_audio.wav"), "-t", "1.2", str(folder / "a.wav"))
+    return folder
+
+
+def _frames(path) -> np.ndarray:
+    with FrameReader(path) as reader:
+        return np.stack([reader[i] for i in range(reader.frames)]).astype(int)
+
+
+def test_run_with_enhance_changes_the_lower_face_only(clip, tmp_path):
+    outputs = {}
+    for name, extra in (("plain", []), ("restored", ["--enhance", "tiny-random", "--enhance-strength", "1"])):
+        outputs[name] = tmp_path / f"{name}.mp4"
+        result = CliRunner().invoke(app, ["run", str(clip / "v.mp4"), str(clip / "a.wav"), "-o", str(outputs[name]), *TINY_RUN, *extra])
+        assert result.exit_code == 0, result.output
+    source, plain, restored = _frames(clip / "v.mp4")[:30], _frames(outputs["plain"]), _frames(outputs["restored"])
+    lip_synced = binary_dilation(np.abs(plain - source).max(-1) > 12, np.ones((1, 3, 3), bool), iterations=4)
+    change = np.abs(restored - plain).max(-1)
+    assert (change > 40).sum() > 30 * 200 and not (change > 40)[~lip_synced].any()  # only where lip-sync changed it
+    assert change[~lip_synced].mean() < 1  # elsewhere the noise of encoding another picture
+
+
+def test_missing_weights_exit_2_before_any_video_work(clip, tmp_path, monkeypatch):
+    def no_video_work(*args, **kwargs):
+        raise AssertionError("video work started")
+
+    monkeypatch.setattr("lipsync_ray.pipeline.LipSyncPipeline.__init__", no_video_work)
+    monkeypatch.setattr("lipsync_ray.batch.run_batch", no_video_work)
+    expected = str(tmp_path / "gfpgan" / "GFPGANv1.4.pth")
+    for command in (
+        ["run", str(clip / "v.mp4"), str(clip / "a.wav"), "-o", str(tmp_path / "o.mp4")],
+        ["batch", "--catalog", str(tmp_path / "c.csv"), "--output", str(tmp_path / "out")],
+    ):
+        result = CliRunner().invoke(app, [*command, *TINY_RUN, "--enhance", "gfpgan", "--checkpoints", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and "lipsync-ray download --enhance" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_catalog_row_asking_for_missing_weights_stops_the_job_before_it_starts(clip, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    rows = [f"{name},{clip / 'v.mp4'},{clip / 'a.wav'},{enhance}" for name, enhance in (("plain", "none"), ("restored", "gfpgan"))]
+    catalog.write_text("\n".join(["id,video,audio,enhance", *rows]) + "\n")
+    job = BatchConfig(catalog=str(catalog), output=str(tmp_path / "out"), pipeline=LipSyncConfig(model="tiny-random", checkpoints=str(tmp_path)))
+    with pytest.raises(MissingWeights, match="lipsync-ray download --enhance"):
+        run_batch(job)  # no Ray: it stops before connecting to one
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_to_deploy_a_restoring_service_without_weights(tmp_path):
+    with pytest.raises(MissingWeights, match="GFPGANv1.4.pth"):
+        build_app({"pipeline": {"model": "tiny-random", "enhance": "gfpgan", "checkpoints": str(tmp_path)}, "gpu": False})
+
+
+def test_the_ray_job_and_serve_restore_on_a_share_of_the_gpu():
+    assert ray_resources(Compose, gpu=True) == {"num_cpus": 1}
+    assert ray_resources(Compose, gpu=True, restoring=True) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert ray_resources(Generate, gpu=True, restoring=True) == {"num_cpus": 1, "num_gpus": 0.75}
+    assert ray_resources(Compose, gpu=False, restoring=True) == ray_resources(Prepare, gpu=False, restoring=True) == {"num_cpus": 1}
+
+
+def test_the_openapi_docs_list_the_restoration_fields():
+    spec = api.openapi()
+    for route in ("/v1/lipsync", "/v1/jobs"):
+        content = spec["paths"][route]["post"]["requestBody"]["content"]
+        for kind in ("multipart/form-data", "application/json"):
+            fields = content[kind]["schema"]["properties"]
+            assert fields["enhance"]["anyOf"][0]["enum"] == ["none", "gfpgan", "tiny-random"]
+            assert "GFPGAN" in fields["enhance"]["description"]
+            assert (fields["enhance_strength"]["anyOf"][0]["minimum"], fields["enhance_strength"]["anyOf"][0]["maximum"]) == (0, 1)
