@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from . import storage
 
 # per-row parameters a catalog may set; the model and its resolution are fixed per job (one model per actor)
-ROW_PARAMETERS = ("steps", "guidance", "seed", "scheduler", "deepcache", "face", "on_no_face", "enhance",
+ROW_PARAMETERS = ("steps", "guidance", "seed", "scheduler", "deepcache", "face", "on_no_face", "length", "enhance",
                   "enhance_strength")
 
 

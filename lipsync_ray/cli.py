@@ -50,6 +50,10 @@ EnhanceStrength = Annotated[float, typer.Option(help=_help("enhance_strength"))]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help=_help("compile"))]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help=_help("cuda_graphs"))]
 PrepareWorkers = Annotated[Optional[int], typer.Option(help=_help("prepare_workers"))]
+Length = Annotated[str, typer.Option(help=_help("length"))]
+Crf = Annotated[int, typer.Option(help=_help("crf"))]
+Preset = Annotated[str, typer.Option("--preset", help=_help("x264_preset"))]
+OPTION_NAMES = {"x264_preset": "preset"}  # config fields whose option has another name
 
 
 def make_config(**options):
@@ -61,7 +65,8 @@ def make_config(**options):
         cfg = LipSyncConfig(**options)
     except ValidationError as err:
         first = err.errors()[0]
-        typer.echo(f"error: --{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", err=True)
+        name = "-".join(OPTION_NAMES.get(str(part), str(part)) for part in first["loc"])
+        typer.echo(f"error: --{name.replace('_', '-')}: {first['msg']}", err=True)
         raise typer.Exit(2)
     if cfg.preset().random_weights:
         typer.echo(f"warning: {cfg.model} has random weights and produces meaningless mouths", err=True)
@@ -116,6 +121,9 @@ def run(
     deepcache: DeepCacheOpt = _default("deepcache"),
     face: Face = _default("face"),
     on_no_face: OnNoFace = _default("on_no_face"),
+    length: Length = _default("length"),
+    crf: Crf = _default("crf"),
+    x264_preset: Preset = _default("x264_preset"),
     detector: Detector = _default("detector"),
     audio_mode: AudioMode = _default("audio_mode"),
     checkpoints: Checkpoints = _default("checkpoints"),
@@ -127,7 +135,8 @@ def run(
     enhance: Enhance = _default("enhance"),
     enhance_strength: EnhanceStrength = _default("enhance_strength"),
 ) -> None:
-    """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut).
+    """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut;
+    see --length).
 
     Exit codes: 0 ok, 2 bad input, bad option or missing weights.
     """
@@ -174,6 +183,9 @@ def batch(
     deepcache: DeepCacheOpt = _default("deepcache"),
     face: Face = _default("face"),
     on_no_face: OnNoFace = _default("on_no_face"),
+    length: Length = _default("length"),
+    crf: Crf = _default("crf"),
+    x264_preset: Preset = _default("x264_preset"),
     detector: Detector = _default("detector"),
     audio_mode: AudioMode = _default("audio_mode"),
     checkpoints: Checkpoints = _default("checkpoints"),

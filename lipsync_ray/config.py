@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from .plan import LengthMode
+
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
+
 if TYPE_CHECKING:
     from .diffusion import DiffusionParams
     from .models.presets import ModelPreset
@@ -37,6 +41,13 @@ class LipSyncConfig(BaseModel):
     face: str = Field("largest", description="face to follow: largest, or its rank by size (0 = largest)")
     on_no_face: Literal["error", "passthrough"] = Field(
         "error", description="a video with no face at all: error, or passthrough (keep it)"
+    )
+    length: LengthMode = Field(
+        "pingpong", description="output length: pingpong (as the audio; a shorter video plays forward and backward), loop (as the audio; the video restarts), cut (the shorter of video and audio), silence (the whole video, the audio padded with silence; longer audio ping-pongs it)"
+    )
+    crf: int = Field(18, ge=0, le=51, description="H.264 quality, x264's CRF (lower: better and larger; 18 is visually lossless)")
+    x264_preset: X264Preset = Field(
+        "veryfast", description="x264 preset, ultrafast ... veryslow (slower encodes compress better)"
     )
     window_overlap: int = Field(4, ge=0, le=8, description="frames shared by neighbouring 16-frame windows")
     windows_per_chunk: int = Field(8, ge=1, description="16-frame windows per chunk, the unit of work a worker takes")

@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from . import storage
 from .config import EnhanceMode, LipSyncConfig, ServeConfig
+from .plan import LengthMode
 from .stages import MissingWeights, check_weights
 from .storage import InputRefused, InputTimeout, InputTooLarge, safe_suffix
 
@@ -49,7 +50,9 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=200)
     guidance: float | None = Field(None, ge=1.0, le=20.0)
     seed: int | None = None
+    deepcache: int | None = Field(None, ge=0, le=10)
     face: str | None = None
+    length: LengthMode | None = None
     enhance: EnhanceMode | None = None
     enhance_strength: float | None = Field(None, ge=0.0, le=1.0)
 
@@ -58,7 +61,7 @@ class RequestInputs:
     """A request's two inputs, saved under fixed names in its folder (multipart uploads or fetched URLs), and its
     per-request parameters, validated against the service's pipeline config."""
 
-    PARAMS = ("steps", "guidance", "seed", "face", "enhance", "enhance_strength")
+    PARAMS = ("steps", "guidance", "seed", "deepcache", "face", "length", "enhance", "enhance_strength")
 
     def __init__(self, config: ServeConfig):
         self.config = config

@@ -83,7 +83,7 @@ class PrepareDeployment:
     def prepare(self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict) -> PreparedChunk:
         cfg = self.cfg.with_params(params)
         paths = [self.inputs.put(*item) for item in (video, audio)]
-        key = video[1] + audio[1]
+        key = (video[1], audio[1], cfg.length)
         plan = self.plans.get(key)
         if plan is None:  # chunks of a request arrive together; other threads may be on other requests
             plan = plan_video(*paths, cfg)

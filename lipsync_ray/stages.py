@@ -31,7 +31,7 @@ from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
 from .models.gfpgan import restorer_weights
 from .models.presets import checkpoints_root, load_components, load_whisper
-from .plan import Chunk, chunks, fade_out, output_frame_count, source_frame_map
+from .plan import FPS, Chunk, chunks, fade_out, fit_audio, output_frame_count, source_frame_map, video_frame_count
 from .storage import InputCache
 
 
@@ -73,14 +73,15 @@ def local_path(inputs: InputCache | None, url: str | Path) -> str:
 
 
 def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig, inputs: InputCache | None = None) -> VideoPlan:
-    """The frame map and chunks of one video; `video` and `audio` may be URLs when `inputs` is given."""
+    """The frame map and chunks of one video, as long as `cfg.length` says; `video` and `audio` may be URLs when
+    `inputs` is given."""
     info = probe_video(local_path(inputs, video))
     wave = load_audio(local_path(inputs, audio))
-    n_out = output_frame_count(wave.size)
-    source_map = source_frame_map(n_out, info.pts, info.end, info.time_base)
+    n_out = output_frame_count(wave.size, video_frames=video_frame_count(info.pts, info.end, info.time_base), length=cfg.length)
+    source_map = source_frame_map(n_out, info.pts, info.end, info.time_base, cfg.length)
     return VideoPlan(
         str(video), str(audio), n_out, source_map, chunks(n_out, cfg.windows_per_chunk, overlap=cfg.window_overlap),
-        mel_ceiling(wave), info,
+        mel_ceiling(fit_audio(wave, n_out)), info,
     )
 
 
@@ -133,14 +134,16 @@ class Prepare:
         self._clips = threading.local()  # per calling thread (Serve may call from several): its last clip
 
     def _clip(self, plan: VideoPlan) -> _OpenClip:
-        """The open inputs of `plan`'s clip, kept from the last call on this thread when it was the same clip."""
+        """The open inputs of `plan`'s clip, kept from the last call on this thread when it was the same clip; the
+        audio cut or padded with silence to the output's length."""
         clip: _OpenClip | None = getattr(self._clips, "clip", None)
-        if clip is None or (clip.video, clip.audio, clip.ceiling) != (plan.video, plan.audio, plan.ceiling):
+        key = (plan.video, plan.audio, plan.ceiling, plan.n_out)
+        if clip is None or (clip.video, clip.audio, clip.ceiling, clip.n_out) != key:
             if clip is not None:
                 clip.reader.close()
             clip = self._clips.clip = _OpenClip(
-                plan.video, plan.audio, plan.ceiling, FrameReader(local_path(self.inputs, plan.video), plan.source),
-                load_audio(local_path(self.inputs, plan.audio)),
+                plan.video, plan.audio, plan.ceiling, plan.n_out, FrameReader(local_path(self.inputs, plan.video), plan.source),
+                fit_audio(load_audio(local_path(self.inputs, plan.audio)), plan.n_out),
             )
         return clip
 
@@ -197,6 +200,7 @@ class _OpenClip:
     video: str
     audio: str
     ceiling: float
+    n_out: int
     reader: FrameReader
     waveform: np.ndarray
     windows: EncodedWindows = field(default_factory=dict)
@@ -352,7 +356,9 @@ class Compose:
         groups = [range(f, min(f + PASTE_GROUP, plan.n_out)) for f in range(0, plan.n_out, PASTE_GROUP)]
         with (
             FrameReader(video, plan.source) as reader,
-            VideoWriter(output, plan.width, plan.height, audio, colour=plan.source.colour) as writer,
+            VideoWriter(
+                output, plan.width, plan.height, audio, FPS, self.cfg.crf, plan.source.colour, self.cfg.x264_preset, plan.n_out,
+            ) as writer,
             torch.cuda.stream(self.stream) if self.stream is not None else nullcontext(),
         ):
 

@@ -1,5 +1,6 @@
 
 import av
+import ffmpeg
 import numpy as np
 import pytest
 
@@ -71,6 +72,26 @@ def test_writer_streams_muxes_and_handles_awkward_names(tmp_path):
     info = probe_video(out)
     assert (info.width, info.height, info.frames, info.fps, info.has_audio) == (270, 480, 30, 25, True)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("rate, channels, seconds, frames", [(44_100, 2, 1.63, 41), (48_000, 1, 1.01, 25), (22_050, 2, 0.5, 30)])
+def test_writer_writes_exactly_its_frames_with_the_audio_fitted_at_its_own_rate(tmp_path, rate, channels, seconds, frames):
+    """The audio is cut, or padded with silence, to the frames' length; no frame is dropped at the end; the audio
+    keeps its sample rate and channels; crf and preset reach x264."""
+    audio, out = tmp_path / "a.wav", tmp_path / "o.mp4"
+    _ffmpeg("-f", "lavfi", "-i", f"sine=f=300:r={rate}:d={seconds}", "-ac", str(channels), str(audio))
+    with VideoWriter(out, 64, 48, audio, crf=30, preset="ultrafast", frames=frames) as writer:
+        for i in range(frames):
+            writer.write(np.full((48, 64, 3), i * 4, np.uint8))
+    assert probe_video(out).frames == frames
+    sound = next(s for s in ffmpeg.probe(str(out))["streams"] if s["codec_type"] == "audio")
+    assert (int(sound["sample_rate"]), sound["channels"]) == (rate, channels)
+    assert abs(float(sound["duration"]) - frames / 25) < 1e-3
+    wave = load_audio(out)
+    if seconds + 0.1 < frames / 25:
+        assert np.abs(wave[int(seconds * 16_000) + 800 :]).max() < 1e-3  # padded with silence
+    settings = out.read_bytes()
+    assert b"crf=30.0" in settings and b"cabac=0" in settings  # x264's options string: ultrafast turns CABAC off
 
 
 def test_writer_failure_leaves_nothing(tmp_path):

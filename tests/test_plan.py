@@ -3,12 +3,40 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lipsync_ray.plan import chunks, output_frame_count, source_frame_map, window_weights, windows
+from lipsync_ray.plan import (
+    LENGTH_MODES, chunks, fit_audio, output_frame_count, source_frame_map, video_frame_count, window_weights, windows,
+)
 
 
 def test_output_follows_the_audio():
     assert output_frame_count(16_000 * 10) == 250
     assert output_frame_count(153_600) == 240  # demo1_audio: 9.6 s
+    # round(seconds x 25), also for audio that is not a whole number of 40 ms frames
+    assert [output_frame_count(round(s * 16_000)) for s in (1.01, 1.019, 1.02, 1.03, 2.47)] == [25, 25, 26, 26, 62]
+    assert output_frame_count(44_100 * 163 // 100, 44_100) == 41
+
+
+@pytest.mark.parametrize("length, audio, video, frames", [
+    ("pingpong", 40, 30, 40), ("loop", 40, 30, 40), ("cut", 40, 30, 30), ("silence", 40, 30, 40),
+    ("pingpong", 20, 30, 20), ("loop", 20, 30, 20), ("cut", 20, 30, 20), ("silence", 20, 30, 30),
+])
+def test_length_modes_decide_the_frame_count(length, audio, video, frames):
+    assert output_frame_count(audio * 640, video_frames=video, length=length) == frames
+
+
+def test_bad_length_modes_are_refused():
+    assert LENGTH_MODES == ("pingpong", "loop", "cut", "silence")
+    with pytest.raises(ValueError, match="length must be one of"):
+        output_frame_count(16_000, video_frames=25, length="bounce")
+    with pytest.raises(ValueError, match="frame count"):
+        output_frame_count(16_000, length="cut")
+
+
+def test_the_stages_audio_is_cut_or_padded_with_silence_to_the_output():
+    wave = np.ones(16_000, np.float32)
+    assert fit_audio(wave, 20).tolist() == [1.0] * 12_800
+    padded = fit_audio(wave, 30)
+    assert padded.size == 19_200 and padded[:16_000].min() == 1 and padded[16_000:].max() == 0
 
 
 def _cfr(frames: int, fps: Fraction) -> tuple[np.ndarray, int, Fraction]:
@@ -21,6 +49,13 @@ def _cfr(frames: int, fps: Fraction) -> tuple[np.ndarray, int, Fraction]:
 def test_ping_pong_repeats_the_turnaround_frame_like_upstream():
     np.testing.assert_array_equal(source_frame_map(12, *_cfr(5, 25)), [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 0, 1])
     np.testing.assert_array_equal(source_frame_map(3, *_cfr(5, 25)), [0, 1, 2])  # shorter audio cuts the video
+
+
+def test_loop_restarts_the_video():
+    np.testing.assert_array_equal(source_frame_map(12, *_cfr(5, 25), "loop"), [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+    # by time, whatever the frame rate: 50 fps, 8 frames (0.16 s) cover 4 output frames
+    np.testing.assert_array_equal(source_frame_map(6, *_cfr(8, 50), "loop"), [0, 2, 4, 6, 0, 2])
+    assert video_frame_count(*_cfr(8, 50)) == 4 and video_frame_count(*_cfr(75, Fraction(30))) == 63
 
 
 def test_each_output_frame_shows_the_source_frame_on_screen_at_its_time():

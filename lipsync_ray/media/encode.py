@@ -20,9 +20,13 @@ from .probe import Colour, MediaError
 
 
 class VideoWriter:
+    """`frames`: the output's frame count; its audio is then cut, or padded with silence, to exactly that length
+    (without it, the output ends with the shorter of the frames written and the audio). The audio keeps its
+    sample rate and channels (AAC)."""
+
     def __init__(
         self, output: str | Path, width: int, height: int, audio: str | Path, fps: int = FPS, crf: int = 18,
-        colour: Colour = Colour(),
+        colour: Colour = Colour(), preset: str = "veryfast", frames: int | None = None,
     ):
         self.output = Path(output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -37,12 +41,17 @@ class VideoWriter:
         tags = {name: value for name, value in (("colorspace", colour.space), ("color_range", colour.range),
                 ("color_primaries", colour.primaries), ("color_trc", colour.transfer)) if value}
         sound = ffmpeg.input(str(audio)).audio
+        ending = {"shortest": None}
+        if frames is not None:  # starts with the video's first frame, ends with its last
+            seconds = f"{frames / fps:.6f}"
+            sound = sound.filter("asetpts", "PTS-STARTPTS").filter("apad", whole_dur=seconds).filter("atrim", end=seconds)
+            ending = {}
         # yuv420p, which players expect, needs even sizes; odd sizes are encoded 4:4:4 to keep their resolution
         pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
         self.process = (
             ffmpeg.output(
-                video, sound, str(self.tmp), vcodec="libx264", pix_fmt=pix_fmt, crf=crf, preset="veryfast",
-                acodec="aac", audio_bitrate="128k", shortest=None, movflags="+faststart", loglevel="error", **tags,
+                video, sound, str(self.tmp), vcodec="libx264", pix_fmt=pix_fmt, crf=crf, preset=preset,
+                acodec="aac", audio_bitrate="128k", movflags="+faststart", loglevel="error", **ending, **tags,
             )
             .overwrite_output()
             .run_async(pipe_stdin=True, pipe_stderr=True)
