@@ -8,9 +8,12 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 pip=(python3 -m pip install -q)
 
-if ! command -v ffmpeg >/dev/null; then
+missing=()
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # the headless browser of the web page's test
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq ffmpeg >/dev/null
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -c 'import torch' 2>/dev/null || "${pip[@]}" "$(grep '^torch==' constraints.txt)"
 # one command for everything else, so s3fs/aiobotocore and moto agree on botocore

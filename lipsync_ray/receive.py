@@ -85,6 +85,12 @@ class RequestInputs:
             raw = body.model_dump(exclude={"video_url", "audio_url"}, exclude_none=True)
         return paths[0], paths[1], self._params(raw)
 
+    def options(self) -> dict[str, dict]:
+        """Each per-request parameter's JSON schema (type, bounds, choices, description) with the service's own
+        default: what a client such as the web page may set."""
+        schema = type(self.config.pipeline).model_json_schema()["properties"]
+        return {name: {**schema[name], "default": getattr(self.config.pipeline, name)} for name in self.PARAMS}
+
     @classmethod
     def openapi(cls) -> dict:
         """The request body of the routes that take inputs, for the OpenAPI docs (the routes read the request

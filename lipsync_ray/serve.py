@@ -16,6 +16,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import html
 import logging
 import os
 import shutil
@@ -24,12 +25,13 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
@@ -43,6 +45,12 @@ from .stages import Compose, Generate, PreparedChunk, Prepare, check_weights, co
 
 
 log = logging.getLogger("ray.serve")
+# the web page (lipsync_ray/static): its own files only, nothing from elsewhere
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' blob: data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def _error(status: int, field_name: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -112,6 +120,8 @@ class Job:
     status: str = "queued"  # queued | running | done | failed
     frames_done: int = 0
     frames_total: int = 0
+    chunks_done: int = 0
+    chunks_total: int = 0
     error: dict | None = None
     result: str | None = None  # a local path, or a URL when output_prefix is set
     created: float = field(default_factory=time.time)
@@ -212,6 +222,7 @@ class LipSyncAPI:
         self.inputs = RequestInputs(self.config)
         self.jobs = JobStore(self.work)
         self.compose = set_up(Compose, self.config.pipeline, device=compose_device(self.config.pipeline))
+        self.page = {name: (resources.files("lipsync_ray") / "static" / name).read_text() for name in PAGE_FILES}
         self.requests = Counter("lipsync_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.latency = Histogram(
             "lipsync_request_seconds", "request latency", boundaries=[1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("route",)
@@ -231,6 +242,29 @@ class LipSyncAPI:
             return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse({"ready": True})
 
+    # --- the web page -----------------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page_index(self, request: Request) -> HTMLResponse:
+        """The web page; its links resolve below the app's route prefix (`serve run` / `deploy` may set one)."""
+        root = html.escape(request.scope.get("root_path", "").rstrip("/") + "/")
+        return HTMLResponse(self.page["index.html"].replace('<base href="/">', f'<base href="{root}">'), headers=PAGE_HEADERS)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    @_answers_errors("static")
+    async def page_file(self, name: str):
+        if name not in PAGE_FILES:
+            raise InputError(404, "name", "no such file")
+        return Response(self.page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+    @api.get("/v1/options")
+    @_answers_errors("options")
+    async def options(self, request: Request):
+        """The per-request parameters (name -> JSON schema with this service's default) and the service's limits."""
+        self._authorise(request)
+        config = self.config
+        return {"params": self.inputs.options(), "model": config.pipeline.model, "max_upload_bytes": config.max_upload_bytes,
+                "max_sync_seconds": config.max_sync_seconds, "max_job_seconds": config.max_job_seconds}
+
     # --- sync -------------------------------------------------------------------------------------------
     @api.post(
         "/v1/lipsync", response_class=FileResponse, responses={200: {"content": {"video/mp4": {}}}},
@@ -238,8 +272,8 @@ class LipSyncAPI:
     )
     @_answers_errors("lipsync")
     async def lipsync(self, request: Request):
-        """Multipart `video` and `audio` files, or JSON `video_url` and `audio_url`; optional steps, guidance,
-        seed and face (form fields or JSON). Returns the lip-synced mp4."""
+        """Multipart `video` and `audio` files, or JSON `video_url` and `audio_url`; optional parameters (form
+        fields or JSON) as listed by GET /v1/options. Returns the lip-synced mp4."""
         start = time.perf_counter()
         self._authorise(request)
         folder = self.work / uuid.uuid4().hex
@@ -277,7 +311,9 @@ class LipSyncAPI:
     async def job_status(self, job_id: str, request: Request):
         self._authorise(request)
         job = self.jobs.get(job_id)
-        progress = job.frames_done / job.frames_total if job.frames_total else 0.0
+        # a step per chunk generated, and one for composing (pasting back and encoding) the whole video
+        composed = job.frames_done / job.frames_total if job.frames_total else 0.0
+        progress = (job.chunks_done + composed) / (job.chunks_total + 1)
         return {"id": job.id, "status": job.status, "progress": round(progress, 3), "frames": job.frames_total, "error": job.error}
 
     @api.get("/v1/jobs/{job_id}/result", response_model=None)
@@ -314,12 +350,15 @@ class LipSyncAPI:
         cfg = self.config.pipeline.with_params(params)
         plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
         if job:
-            job.frames_total = plan.n_out
+            job.frames_total, job.chunks_total = plan.n_out, len(plan.chunks)
         shipped = (await asyncio.to_thread(_shipment, video), await asyncio.to_thread(_shipment, audio))
 
         async def one(index: int) -> PreparedChunk:
             prepared = await self.prepare.prepare.remote(*shipped, index, params)
-            return await self.generate.generate.remote(prepared, params)
+            generated = await self.generate.generate.remote(prepared, params)
+            if job:
+                job.chunks_done += 1
+            return generated
 
         items = await asyncio.gather(*(one(c.index) for c in plan.chunks))
         if not any(item.flags.any() for item in items) and cfg.on_no_face == "error":

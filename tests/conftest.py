@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +38,30 @@ def free_port() -> int:
 
 def ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
+
+
+@contextmanager
+def serve_apps(apps: dict[str, tuple[str, dict]]):
+    """Serve apps (name -> (route prefix, `build_app` args)) over HTTP on 127.0.0.1 in the running Ray; yields the
+    base URL once every app answers /readyz, and shuts Serve down afterwards."""
+    import httpx
+    from ray import serve
+
+    from lipsync_ray.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for name, (prefix, args) in apps.items():
+            serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+        for _ in range(120):
+            if all(httpx.get(f"{base}{prefix.rstrip('/')}/readyz", timeout=10).status_code == 200 for prefix, _ in apps.values()):
+                break
+            time.sleep(1)
+        yield base
+    finally:
+        serve.shutdown()
 
 
 # source frame number drawn as a white mark in a 16 px band above the picture (see marks_shown)

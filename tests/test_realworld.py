@@ -8,7 +8,6 @@ says what it shows. Output frame j must show the frame on screen at j/25 s."""
 
 import json
 import subprocess
-import time
 
 import httpx
 import numpy as np
@@ -21,7 +20,7 @@ from lipsync_ray.cli import app
 from lipsync_ray.config import BatchConfig, LipSyncConfig
 from lipsync_ray.media import FrameReader, MediaError, probe_video
 
-from .conftest import DATA, MARK, ffmpeg, free_port, marks_shown
+from .conftest import DATA, MARK, ffmpeg, marks_shown, serve_apps
 
 ARGS = ["--model", "tiny-random", "--steps", "1", "--detector", "offline"]
 OUT_FRAMES = 40  # the 1.6 s of target speech
@@ -204,22 +203,10 @@ def test_the_corpus_through_one_bulk_job(ray_local, corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
-    from ray import serve
-
-    from lipsync_ray.serve import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"pipeline": {"model": "tiny-random", "steps": 1, "detector": "offline"}, "gpu": False,
-                     "work_dir": str(tmp_path_factory.mktemp("serve_work")), "prepare_replicas": (1, 1), "generate_replicas": (1, 1)})
-    serve.run(app, name="realworld", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
-            break
-        time.sleep(1)
-    yield base
-    serve.shutdown()
+    app = {"pipeline": {"model": "tiny-random", "steps": 1, "detector": "offline"}, "gpu": False,
+           "work_dir": str(tmp_path_factory.mktemp("serve_work")), "prepare_replicas": (1, 1), "generate_replicas": (1, 1)}
+    with serve_apps({"realworld": ("/", app)}) as base:
+        yield base
 
 
 @pytest.mark.slow

@@ -17,9 +17,11 @@ import httpx
 import numpy as np
 import pytest
 
+from lipsync_ray.config import LipSyncConfig
 from lipsync_ray.media import FrameReader, probe_video
+from lipsync_ray.receive import RequestInputs
 
-from .conftest import DATA, cli_run_like_a_ray_worker, ffmpeg, free_port, loopback_http
+from .conftest import DATA, cli_run_like_a_ray_worker, ffmpeg, free_port, loopback_http, serve_apps
 
 TINY = {"model": "tiny-random", "steps": 1, "detector": "offline"}
 KEY = "s3cret-7f3a9c21"
@@ -54,28 +56,15 @@ def site(media):
 def service(ray_local, site, tmp_path_factory):
     """Two apps: an open one (limits 4 + 8; plain http from the test's loopback server allowed, video limits of
     60 frames and 270x480), and a deliberately small one behind an API key (1 request at a time, 2 queued)."""
-    from ray import serve
-
-    from lipsync_ray.serve import build_app
-
-    port = free_port()
     work = {name: tmp_path_factory.mktemp(f"work_{name}") for name in ("open", "secured")}
     common = {"pipeline": TINY, "gpu": False, "max_sync_seconds": 3, "max_job_seconds": 10, "max_upload_bytes": UPLOAD_LIMIT,
               "input_timeout_s": INPUT_TIMEOUT_S, "prepare_replicas": (1, 1), "generate_replicas": (1, 1), "retry_after_s": 2}
     inputs = {"protocols": ["s3", "gs", "https", "http"], "allowed_hosts": [urlsplit(site).netloc], "max_video_frames": 60, "max_video_pixels": 270 * 480}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({**common, "work_dir": str(work["open"]), "inputs": inputs}), name="open", route_prefix="/", blocking=False)
-    serve.run(
-        build_app({**common, "work_dir": str(work["secured"]), "api_key": KEY, "max_ongoing_requests": 1, "max_queued_requests": 2}),
-        name="secured", route_prefix="/secured", blocking=False,
-    )
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        if all(httpx.get(f"{base}{p}/readyz", timeout=10).status_code == 200 for p in ("", "/secured")):
-            break
-        time.sleep(1)
-    yield base, work
-    serve.shutdown()
+    with serve_apps({
+        "open": ("/", {**common, "work_dir": str(work["open"]), "inputs": inputs}),
+        "secured": ("/secured", {**common, "work_dir": str(work["secured"]), "api_key": KEY, "max_ongoing_requests": 1, "max_queued_requests": 2}),
+    }) as base:
+        yield base, work
 
 
 def _files(media, video="v.mp4", audio="a.wav"):
@@ -139,6 +128,7 @@ def test_async_job_from_bucket_urls(service, media, tmp_path):
         (("v.mp4", None), {}, 422, "audio", "missing"),
         (("v.mp4", "a.wav"), {"steps": "0"}, 422, "steps", "greater than"),
         (("v.mp4", "a.wav"), {"colour": "red"}, 422, "colour", "unknown"),
+        (("v.mp4", "a.wav"), {"length": "bounce"}, 422, "length", "'pingpong', 'loop', 'cut' or 'silence'"),
     ],
 )
 def test_bad_uploads_answer_4xx_naming_the_field(service, media, files, data, status, field, words):
@@ -151,6 +141,37 @@ def test_bad_uploads_answer_4xx_naming_the_field(service, media, files, data, st
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["field"] == field and words in error["message"], error
+
+
+@pytest.mark.parametrize("video, audio, length, frames", [("v.mp4", "a2.wav", "cut", 40), ("v2.mp4", "a.wav", "silence", 50), ("v.mp4", "a2.wav", "loop", 50)])
+def test_length_modes(service, media, video, audio, length, frames):
+    base, _ = service
+    response = httpx.post(f"{base}/v1/lipsync", files=_files(media, video, audio), data={"length": length, "deepcache": "2"}, timeout=300)
+    assert response.status_code == 200 and response.headers["x-frames"] == str(frames), response.text
+
+
+def test_options_list_the_request_parameters_with_the_service_defaults(service):
+    base, _ = service
+    options = httpx.get(f"{base}/v1/options", timeout=10).json()
+    assert list(options["params"]) == list(RequestInputs.PARAMS)
+    assert options["params"]["steps"] == {**LipSyncConfig.model_json_schema()["properties"]["steps"], "default": 1}
+    assert options["params"]["length"]["enum"] == ["pingpong", "loop", "cut", "silence"]
+    assert (options["model"], options["max_upload_bytes"], options["max_job_seconds"]) == ("tiny-random", UPLOAD_LIMIT, 10)
+    assert httpx.get(f"{base}/secured/v1/options", timeout=10).status_code == 401
+    assert httpx.get(f"{base}/secured/v1/options", headers={"X-API-Key": KEY}, timeout=10).status_code == 200
+
+
+def test_the_web_page_and_its_files(service):
+    base, _ = service
+    for prefix in ("", "/secured"):  # the page needs no key; its links resolve below the app's prefix
+        page = httpx.get(f"{base}{prefix}/", timeout=10)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f'<base href="{prefix}/">' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+        for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+            assert httpx.get(f"{base}{prefix}/static/{name}", timeout=10).headers["content-type"].startswith(kind)
+    assert httpx.get(f"{base}/static/index.htm", timeout=10).json()["error"]["field"] == "name"
+    for name in ("index.htm", "..%2Fserve.py", "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd", "../../receive.py"):  # its own files only
+        assert httpx.get(f"{base}/static/{name}", timeout=10).status_code == 404
 
 
 @pytest.mark.parametrize(
