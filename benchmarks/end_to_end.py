@@ -172,24 +172,31 @@ def _tflops(cfg: LipSyncConfig, windows: int, seconds: float) -> float | None:
 def ray_job(
     cfg: LipSyncConfig, video: str, audio: str, out: Path, gpus: int, videos: int, prepare_per_gpu: int, **job_options
 ) -> dict:
-    """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster. Besides the whole
-    run's fps, "steady fps" counts only the videos finished after the first, over the time since it finished:
-    the rate once the pipeline is full, without actor start-up and the first video's fill."""
+    """The Ray Data job over `videos` copies of the video on `gpus` GPUs of a local cluster (`catalog_job`)."""
+    catalog = out / f"catalog-{gpus}.jsonl"
+    catalog.write_text("".join(json.dumps({"id": f"v{i}", "video": video, "audio": audio}) + "\n" for i in range(videos)))
+    return catalog_job(cfg, catalog, out, gpus, prepare_per_gpu, **job_options)
+
+
+def catalog_job(cfg: LipSyncConfig, catalog: Path, out: Path, gpus: int, prepare_per_gpu: int, **job_options) -> dict:
+    """The Ray Data job over `catalog` on `gpus` GPUs of a local Ray started here. Besides the whole run's fps,
+    "steady fps" counts only the videos finished after the first, over the time since it finished: the rate once
+    the pipeline is full, without actor start-up and the first video's fill. Stage seconds are summed over the
+    workers (each stage's own busy time, as the manifest reports it)."""
     import ray
 
     from lipsync_ray.batch import BatchConfig, run_batch
 
-    catalog = out / f"catalog-{gpus}.jsonl"
-    catalog.write_text("".join(json.dumps({"id": f"v{i}", "video": video, "audio": audio}) + "\n" for i in range(videos)))
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # enough logical CPUs for every actor plus the planning and Compose tasks: fewer (a small CPU host) hang the job
-    cpus = max(os.cpu_count() or 1, (prepare_per_gpu + 1) * gpus + 2)
+    # enough logical CPUs for every actor (the GPU stage takes one too) plus the planning and Compose tasks:
+    # fewer (a small CPU host) hang the job
+    cpus = max(os.cpu_count() or 1, (prepare_per_gpu + 1) * max(gpus, 1) + 2)
     ray.init(address="local", num_gpus=gpus, num_cpus=cpus, include_dashboard=False)
     job = BatchConfig(
         # a fresh output prefix: the job skips videos already finished under its output
-        catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=True,
-        prepare_actors=(prepare_per_gpu * gpus, prepare_per_gpu * gpus), generate_actors=(gpus, gpus),
+        catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=gpus > 0,
+        prepare_actors=(prepare_per_gpu * max(gpus, 1),) * 2, generate_actors=(max(gpus, 1),) * 2,
         **job_options,
     )
     try:
@@ -204,14 +211,17 @@ def ray_job(
     if failed:
         raise RuntimeError(f"{len(failed)} videos failed: {failed[0].error}")
     frames = sum(r.frames for r in rows)
-    steady = frames * (len(rows) - 1) / len(rows) / (done[-1] - done[0]) if len(rows) > 1 else None
+    steady = frames * (len(rows) - 1) / len(rows) / (done[-1] - done[0]) if len(rows) > 1 and done[-1] > done[0] else None
+    stage_s = {k: sum(getattr(r, f"{k}_s") for r in rows) for k in ("prepare", "generate", "compose")}
     print(
         f"ray x{gpus} {job_options}: videos finished at {', '.join(f'{t:.0f}' for t in done)} s of {seconds:.0f} s; "
-        f"steady fps {_fmt(steady)}; stage seconds summed over workers: prepare {sum(r.prepare_s for r in rows):.0f}, "
-        f"generate {sum(r.generate_s for r in rows):.0f}, compose {sum(r.compose_s for r in rows):.0f}", flush=True,
+        f"steady fps {_fmt(steady)}; stage seconds summed over workers: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in stage_s.items()), flush=True,
     )
     return {
-        "fps": frames / seconds, "frames": frames, "generate_fps": frames / (sum(r.generate_s for r in rows) / gpus),
+        "fps": frames / seconds, "steady_fps": steady, "frames": frames, "seconds": seconds, "first_video_s": done[0],
+        "generate_fps": frames / (stage_s["generate"] / max(gpus, 1)), "stage_s": stage_s,
+        "actors": {"prepare": job.prepare_actors[0], "generate": job.generate_actors[0]},
         "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
         "gpu_gib": sampler.gpu_bytes / 2**30 if sampler.gpu_bytes else None,
     }
