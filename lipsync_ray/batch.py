@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import socket
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -45,8 +46,8 @@ from .config import BatchConfig, LipSyncConfig
 from .media import MediaError, probe_video
 from .plan import FPS
 from .stages import (
-    Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, check_weights, compose_device, lower_priority,
-    plan_video, ray_resources, set_up,
+    Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, check_weights, compose_device, find_speaker,
+    lower_priority, plan_video, ray_resources, set_up, sync_scorer,
 )
 
 
@@ -78,6 +79,9 @@ class _Plans:
         return self._plans[key]
 
 
+NO_SPEAKER = [float("nan")] * 4  # a run row's `speaker` box when planning found none (it does for face="speaker")
+
+
 def plan_runs(record: dict[str, Any], job: BatchConfig, rows: dict[str, CatalogRow]) -> list[dict[str, Any]]:
     """flat_map: one catalog row (by `id`) -> one row per run of `chunks_per_prepare` chunks [first, stop) (or one
     row saying why the video cannot be planned)."""
@@ -88,13 +92,14 @@ def plan_runs(record: dict[str, Any], job: BatchConfig, rows: dict[str, CatalogR
         video = inputs.local(row.video, "video")  # fetched here so that errors name the input
         inputs.local(row.audio, "audio")
         storage.check_video(probe_video(video), job.inputs)  # before anything is decoded
-        plan = plan_video(row.video, row.audio, cfg, inputs)
+        plan = find_speaker(plan_video(row.video, row.audio, cfg, inputs), cfg, inputs)  # face="speaker": once here
     except (MediaError, ValueError) as err:
-        return [{"id": row.id, "first": -1, "stop": -1, "chunks": 0, "error": str(err)}]
+        return [{"id": row.id, "first": -1, "stop": -1, "chunks": 0, "speaker": NO_SPEAKER, "error": str(err)}]
     finally:
         inputs.close()
     n, step = len(plan.chunks), job.chunks_per_prepare
-    return [{"id": row.id, "first": a, "stop": min(a + step, n), "chunks": n, "error": ""} for a in range(0, n, step)]
+    speaker = NO_SPEAKER if plan.speaker is None else [float(x) for x in plan.speaker]
+    return [{"id": row.id, "first": a, "stop": min(a + step, n), "chunks": n, "speaker": speaker, "error": ""} for a in range(0, n, step)]
 
 
 class PrepareActor:
@@ -111,6 +116,7 @@ class PrepareActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
         for record in _rows(batch):
             first, stop = int(record.pop("first")), int(record.pop("stop"))
+            speaker = np.asarray(record.pop("speaker"), float)
             if record["error"]:
                 yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False))
                 continue
@@ -119,17 +125,18 @@ class PrepareActor:
             error = ""
             for chunk in range(first, stop):
                 # after a failed chunk the video has failed: the run's later chunks only carry the error on
-                result = self._prepare(row, cfg, chunk) if not error else {"payload": b"", "error": error, "prepare_s": 0.0, "reused": False}
+                result = self._prepare(row, cfg, chunk, speaker) if not error else {"payload": b"", "error": error, "prepare_s": 0.0, "reused": False}
                 error = result["error"]
                 yield _batch(dict(record, chunk=chunk, **result))
 
-    def _prepare(self, row: CatalogRow, cfg: LipSyncConfig, chunk: int) -> dict[str, Any]:
+    def _prepare(self, row: CatalogRow, cfg: LipSyncConfig, chunk: int, speaker: np.ndarray) -> dict[str, Any]:
         payload, error, reused = b"", "", False
         start = time.perf_counter()
         try:
             reused = storage.exists(_chunk_url(_stage_prefix(self.job, row, cfg), chunk), self.job.storage_options)
             if not reused:
                 plan = self.plans.get(row, cfg)
+                plan = plan if np.isnan(speaker).all() else replace(plan, speaker=speaker)
                 payload = pickle.dumps(self.stage(plan, plan.chunks[chunk], cfg), protocol=5)
         except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
             error = str(err) if isinstance(err, MediaError) else f"chunk {chunk}: {type(err).__name__}: {err}"
@@ -206,13 +213,28 @@ def compose_video(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
             local = os.path.join(tmp, f"{row.id}.mp4")
             frames = stage(plan, items, local, stats=stats)
             storage.upload_atomic(local, row.output, job.storage_options)
+            compose_s = time.perf_counter() - start
+            quality = _score(job, cfg, local, row.output) if job.score else {}
         storage.remove_tree(prefix, job.storage_options)
-        return {"frames": frames, "input_seconds": plan.source.duration, "output_seconds": frames / FPS,
-                "compose_s": time.perf_counter() - start, **stats, "error": ""}
+        return {"status": "ok", "frames": frames, "input_seconds": plan.source.duration, "output_seconds": frames / FPS,
+                "compose_s": compose_s, **stats, "error": "", **quality}
     except (MediaError, ValueError, OSError, RuntimeError) as err:
-        return {"compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
+        return {"status": "failed", "compose_s": time.perf_counter() - start, "error": f"{row.output}: {err}"}
     finally:
         inputs.close()
+
+
+def _score(job: BatchConfig, cfg: LipSyncConfig, path: str, output: str) -> dict[str, Any]:
+    """`--score`: the finished output's SyncNet columns (against its own audio), their seconds, and its status:
+    low_sync below `min_confidence`, or when it cannot be scored (no face seen long enough: the reason is its error)."""
+    start = time.perf_counter()
+    try:
+        scorer = sync_scorer(cfg.score_model, cfg.checkpoints, cfg.detector, compose_device(cfg))
+        scores, note = scorer(path).columns(), ""
+    except (MediaError, ValueError) as err:
+        scores, note = {}, f"not scored: {str(err).replace(path, output)}"
+    low = job.min_confidence is not None and scores.get("lse_c", -math.inf) < job.min_confidence
+    return {**scores, "score_s": time.perf_counter() - start, "status": "low_sync" if low else "ok", "error": note}
 
 
 def compose_task(job: BatchConfig, row: CatalogRow) -> dict[str, Any]:
@@ -313,7 +335,7 @@ class _Driver:
                 chunks=v.chunks, chunks_reused=v.reused, prepare_s=v.prepare_s, generate_s=v.generate_s,
                 workers=sorted(v.workers),
             )
-            self.finish(v, "failed" if result["error"] else "ok", **result, **stats)
+            self.finish(v, **result, **stats)  # status: ok, low_sync (--min-confidence) or failed
 
 
 def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None) -> list[ManifestRow]:
@@ -351,7 +373,7 @@ def _check_weights(job: BatchConfig, rows: list[CatalogRow]) -> None:
             cfg = job.pipeline.with_params(row.params)
         except ValueError:
             continue
-        check_weights(cfg)
+        check_weights(cfg, scoring=job.score)
 
 
 def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray) -> None:

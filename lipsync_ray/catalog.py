@@ -93,7 +93,7 @@ class ManifestRow:
     video: str
     audio: str
     output: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | low_sync (scored below --min-confidence; the output is kept) | failed | skipped
     error: str = ""
     frames: int = 0
     input_seconds: float = 0.0
@@ -104,6 +104,10 @@ class ManifestRow:
     generate_s: float = 0.0
     compose_s: float = 0.0
     enhance_s: float = 0.0  # of compose_s: restoring faces
+    score_s: float = 0.0  # --score: scoring the output, after compose_s
+    lse_c: float | None = None  # --score: SyncNet confidence (higher is better)
+    lse_d: float | None = None  # --score: SyncNet distance (lower is better)
+    av_offset: int | None = None  # --score: frames between the mouth and the audio
     workers: list[str] = field(default_factory=list)  # the Generate actors that ran this video's chunks
 
 
@@ -112,7 +116,8 @@ MANIFEST_SCHEMA = pa.schema(
     + [("frames", pa.int64())]
     + [(f, pa.float64()) for f in ("input_seconds", "output_seconds")]
     + [(f, pa.int64()) for f in ("chunks", "chunks_reused")]
-    + [(f, pa.float64()) for f in ("prepare_s", "generate_s", "compose_s", "enhance_s")]
+    + [(f, pa.float64()) for f in ("prepare_s", "generate_s", "compose_s", "enhance_s", "score_s", "lse_c", "lse_d")]
+    + [("av_offset", pa.int64())]
     + [("workers", pa.list_(pa.string()))]
 )
 

@@ -47,6 +47,7 @@ Device = Annotated[str, typer.Option(help=_help("device"))]
 WindowsPerChunk = Annotated[int, typer.Option(help=_help("windows_per_chunk"))]
 Enhance = Annotated[str, typer.Option(help=_help("enhance"))]
 EnhanceStrength = Annotated[float, typer.Option(help=_help("enhance_strength"))]
+ScoreModel = Annotated[str, typer.Option(help=_help("score_model"))]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help=_help("compile"))]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help=_help("cuda_graphs"))]
 PrepareWorkers = Annotated[Optional[int], typer.Option(help=_help("prepare_workers"))]
@@ -73,7 +74,7 @@ def make_config(**options):
     from .stages import MissingWeights, check_weights
 
     try:
-        check_weights(cfg)  # an optional model (--enhance) without its weights: before any video work
+        check_weights(cfg)  # an optional model (--enhance, --face speaker) without its weights: before any video work
     except MissingWeights as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
@@ -134,6 +135,7 @@ def run(
     prepare_workers: PrepareWorkers = _default("prepare_workers"),
     enhance: Enhance = _default("enhance"),
     enhance_strength: EnhanceStrength = _default("enhance_strength"),
+    score_model: ScoreModel = _default("score_model"),
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write OUTPUT at 25 fps, as long as the audio (the video ping-pongs or is cut;
     see --length).
@@ -194,19 +196,23 @@ def batch(
     cuda_graphs: CudaGraphs = _default("cuda_graphs"),
     enhance: Enhance = _default("enhance"),
     enhance_strength: EnhanceStrength = _default("enhance_strength"),
+    score_model: ScoreModel = _default("score_model"),
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Generate actors take a GPU each (default: if the cluster has GPUs now; pass --gpu on autoscaling clusters that start without).")] = None,
     prepare_actors: Annotated[str, typer.Option(help=_help("prepare_actors", BatchConfig))] = _default("prepare_actors", BatchConfig),
     generate_actors: Annotated[str, typer.Option(help=_help("generate_actors", BatchConfig))] = _default("generate_actors", BatchConfig),
     chunks_per_batch: Annotated[int, typer.Option(help=_help("chunks_per_batch", BatchConfig))] = _default("chunks_per_batch", BatchConfig),
     chunks_per_prepare: Annotated[int, typer.Option(help=_help("chunks_per_prepare", BatchConfig))] = _default("chunks_per_prepare", BatchConfig),
     generate_prefetch: Annotated[int, typer.Option(help=_help("generate_prefetch", BatchConfig))] = _default("generate_prefetch", BatchConfig),
+    score: Annotated[bool, typer.Option("--score/--no-score", help=_help("score", BatchConfig))] = _default("score", BatchConfig),
+    min_confidence: Annotated[Optional[float], typer.Option(help=_help("min_confidence", BatchConfig))] = _default("min_confidence", BatchConfig),
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
     """Lip-sync every row of a video catalog on a Ray cluster, writing outputs and a manifest under OUTPUT.
 
     Reruns skip videos whose output exists and reuse finished chunks. Exit codes: 0 all videos ok or skipped,
-    1 some failed (see the manifest), 2 bad catalog, bad options or missing weights.
+    1 some failed (see the manifest), 2 bad catalog, bad options or missing weights, 3 none failed but some are
+    low_sync (below --min-confidence).
     """
     options = dict(locals())
     import json
@@ -218,7 +224,7 @@ def batch(
     from .batch import run_batch
     from .catalog import CatalogError
 
-    job_keys = ("catalog", "output", "gpu", "chunks_per_batch", "chunks_per_prepare", "generate_prefetch")
+    job_keys = ("catalog", "output", "gpu", "chunks_per_batch", "chunks_per_prepare", "generate_prefetch", "score", "min_confidence")
     job_options = {k: options.pop(k) for k in (*job_keys, "prepare_actors", "generate_actors", "storage_options", "address")}
     cfg = make_config(**options)
     try:
@@ -239,12 +245,13 @@ def batch(
         raise typer.Exit(2)
     table = Table("id", "status", "frames", "seconds", "output / error")
     for m in manifest:
-        table.add_row(m.id, m.status, str(m.frames), f"{m.prepare_s + m.generate_s + m.compose_s:.1f}", m.error or m.output)
+        table.add_row(m.id, m.status, str(m.frames), f"{m.prepare_s + m.generate_s + m.compose_s + m.score_s:.1f}", m.error or m.output)
     Console().print(table)
-    counts = {s: sum(m.status == s for m in manifest) for s in ("ok", "skipped", "failed")}
-    typer.echo(f"{len(manifest)} videos: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; manifest {job.manifest_url}")
-    if counts["failed"]:
-        raise typer.Exit(1)
+    counts = {s: sum(m.status == s for m in manifest) for s in ("ok", "low_sync", "skipped", "failed")}
+    low = f", {counts['low_sync']} low_sync" if job.min_confidence is not None else ""
+    typer.echo(f"{len(manifest)} videos: {counts['ok']} ok{low}, {counts['skipped']} skipped, {counts['failed']} failed; manifest {job.manifest_url}")
+    if counts["failed"] or counts["low_sync"]:
+        raise typer.Exit(1 if counts["failed"] else 3)
 
 
 @app.command()

@@ -38,7 +38,9 @@ class LipSyncConfig(BaseModel):
     detector: Literal["auto", "insightface", "offline"] = Field(
         "auto", description="auto (insightface when its files are present, else offline), insightface, offline"
     )
-    face: str = Field("largest", description="face to follow: largest, or its rank by size (0 = largest)")
+    face: str = Field(
+        "largest", description="face to follow: largest, its rank by size (0 = largest), or speaker (the face whose mouth moves with the video's own audio, by SyncNet; else the largest)"
+    )
     on_no_face: Literal["error", "passthrough"] = Field(
         "error", description="a video with no face at all: error, or passthrough (keep it)"
     )
@@ -65,6 +67,9 @@ class LipSyncConfig(BaseModel):
     enhance_strength: float = Field(
         0.5, ge=0.0, le=1.0, description="share of the restored face in its blend with the generated one, 0..1"
     )
+    score_model: Literal["syncnet-v2", "tiny-random"] = Field(
+        "syncnet-v2", description="lip-sync scorer for --face speaker and the bulk job's --score: syncnet-v2 (`lipsync-ray download --eval`) or tiny-random (random weights, for tests)"
+    )
     smoothing_memory: int = Field(8, ge=1, description="frames of alignment smoothing history")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
 
@@ -72,8 +77,8 @@ class LipSyncConfig(BaseModel):
     def _check(self) -> "LipSyncConfig":
         if self.windows_per_chunk % self.windows_per_batch and self.windows_per_batch < self.windows_per_chunk:
             raise ValueError("windows_per_chunk must be a multiple of windows_per_batch (chunk-invariant batches)")
-        if self.face != "largest" and not self.face.isdigit():
-            raise ValueError(f"face must be 'largest' or a number, got {self.face!r}")
+        if self.face not in ("largest", "speaker") and not self.face.isdigit():
+            raise ValueError(f"face must be 'largest', 'speaker' or a number, got {self.face!r}")
         return self
 
     def with_params(self, params: dict[str, Any]) -> "LipSyncConfig":
@@ -157,6 +162,18 @@ class BatchConfig(BaseModel):
         1, ge=1, description="Generate calls at each GPU actor at once, one on the GPU (more: the others' unpickling and staging overlap its GPU work; fewer: a finer split of the job's last chunks over the GPUs)"
     )
     prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
+    score: bool = Field(
+        False, description="score each output's lip sync with SyncNet as it is written: manifest columns lse_c, lse_d, av_offset, score_s"
+    )
+    min_confidence: float | None = Field(
+        None, description="with --score, mark outputs whose LSE-C is below this (or that cannot be scored) low_sync; they are kept"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "BatchConfig":
+        if self.min_confidence is not None and not self.score:
+            raise ValueError("min_confidence needs score (--score): outputs are marked low_sync by their scores")
+        return self
 
     @property
     def manifest_url(self) -> str:

@@ -23,8 +23,8 @@ import torch
 from .ahead import ahead
 from .config import LipSyncConfig
 from .stages import (
-    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, check_weights, chunk_parts, kept,
-    lower_priority, plan_video, set_up,
+    Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, check_weights, chunk_parts,
+    find_speaker, kept, lower_priority, plan_video, set_up,
 )
 
 @dataclass
@@ -117,7 +117,7 @@ class LipSyncPipeline:
         progress: Callable[[int], None] | None = None, on_plan: Callable[[int], None] | None = None,
     ) -> RunResult:
         start = time.perf_counter()
-        plan = plan_video(video, audio, self.cfg)
+        plan = find_speaker(plan_video(video, audio, self.cfg), self.cfg)
         if on_plan:
             on_plan(plan.n_out)
         counts = {"faceless": 0, "faces": 0}

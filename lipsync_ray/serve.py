@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,9 @@ from . import storage
 from .config import InputPolicy, LipSyncConfig, ServeConfig
 from .receive import InputError, RequestInputs
 from .media import MediaError, probe_video
-from .stages import Compose, Generate, PreparedChunk, Prepare, check_weights, compose_device, plan_video, ray_resources, set_up
+from .stages import (
+    Compose, Generate, PreparedChunk, Prepare, check_weights, compose_device, find_speaker, plan_video, ray_resources, set_up,
+)
 
 
 log = logging.getLogger("ray.serve")
@@ -88,7 +90,10 @@ class PrepareDeployment:
     def ready(self) -> bool:
         return True
 
-    def prepare(self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict) -> PreparedChunk:
+    def prepare(
+        self, video: tuple[str, str, bytes], audio: tuple[str, str, bytes], chunk: int, params: dict, speaker=None,
+    ) -> PreparedChunk:
+        """`speaker`: the box face="speaker" starts from, found once by the ingress (`stages.find_speaker`)."""
         cfg = self.cfg.with_params(params)
         paths = [self.inputs.put(*item) for item in (video, audio)]
         key = (video[1], audio[1], cfg.length)
@@ -96,6 +101,7 @@ class PrepareDeployment:
         if plan is None:  # chunks of a request arrive together; other threads may be on other requests
             plan = plan_video(*paths, cfg)
             self.plans = dict([*list(self.plans.items())[-3:], (key, plan)])
+        plan = plan if speaker is None else replace(plan, speaker=speaker)
         return self.stage(plan, plan.chunks[chunk], cfg)
 
 
@@ -349,12 +355,13 @@ class LipSyncAPI:
     async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: Job | None) -> int:
         cfg = self.config.pipeline.with_params(params)
         plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
+        plan = await asyncio.to_thread(find_speaker, plan, cfg)  # face="speaker": scored once, here
         if job:
             job.frames_total, job.chunks_total = plan.n_out, len(plan.chunks)
         shipped = (await asyncio.to_thread(_shipment, video), await asyncio.to_thread(_shipment, audio))
 
         async def one(index: int) -> PreparedChunk:
-            prepared = await self.prepare.prepare.remote(*shipped, index, params)
+            prepared = await self.prepare.prepare.remote(*shipped, index, params, plan.speaker)
             generated = await self.generate.generate.remote(prepared, params)
             if job:
                 job.chunks_done += 1

@@ -8,12 +8,13 @@ crops, 2x3 matrices, flags and audio tokens cross stage boundaries; full frames 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -26,10 +27,12 @@ from .audio import EncodedWindows, chunk_features, mel_ceiling
 from .config import LipSyncConfig
 from .diffusion import LipSyncDiffusion
 from .enhance import FaceRestorer, five_points, restoration_masks
+from .eval import SyncScorer
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
 from .models.gfpgan import restorer_weights
+from .models.syncnet import scorer_weights
 from .models.presets import checkpoints_root, load_components, load_whisper
 from .plan import FPS, Chunk, chunks, fade_out, fit_audio, output_frame_count, source_frame_map, video_frame_count
 from .storage import InputCache
@@ -39,6 +42,9 @@ ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
 PASTE_GROUP = 16  # frames pasted back together by Compose
 PREPARE_NICE = 5  # how much lower the CPU priority of Prepare's worker processes is than the GPU stage's
 RESTORE_GPU = 0.25  # of a GPU: what a Compose that restores faces requests in the Ray job and Serve
+SPEAKER_SECONDS = 5.0  # of a video's start, whose faces face="speaker" scores against the video's own audio
+
+log = logging.getLogger("lipsync_ray")
 
 T = TypeVar("T")
 S = TypeVar("S", "Prepare", "Generate", "Compose")
@@ -57,6 +63,7 @@ class VideoPlan:
     chunks: list[Chunk]
     ceiling: float  # clip-wide log-mel ceiling shared by every chunk's audio features
     source: VideoInfo  # the video's frame timestamps, displayed size, rotation and colour
+    speaker: np.ndarray | None = None  # face="speaker": the box (x1, y1, x2, y2) to start from (`find_speaker`)
 
     @property
     def width(self) -> int:
@@ -106,15 +113,49 @@ class PreparedPart:
     audio: torch.Tensor
 
 
-def _choose(faces: list[Face], previous: Face | None, policy: str) -> Face | None:
-    """Follow one face: the policy picks it on its first frame, then the nearest face to the last one."""
+def _choose(faces: list[Face], previous: Face | None, policy: str, speaker: np.ndarray | None = None) -> Face | None:
+    """Follow one face: the policy picks it on its first frame (speaker: the face nearest the `speaker` box that
+    planning found, else the largest), then the nearest face to the last one."""
     if not faces:
         return None
-    if previous is None:
-        rank = 0 if policy == "largest" else int(policy)
-        return faces[rank] if rank < len(faces) else None
-    centre = lambda f: (f.box[:2] + f.box[2:]) / 2  # noqa: E731
-    return min(faces, key=lambda f: float(np.linalg.norm(centre(f) - centre(previous))))
+    if previous is not None:
+        return _nearest(faces, previous.box)
+    if policy == "speaker" and speaker is not None:
+        return _nearest(faces, speaker)
+    rank = int(policy) if policy.isdigit() else 0
+    return faces[rank] if rank < len(faces) else None
+
+
+def _nearest(faces: list[Face], box: np.ndarray) -> Face:
+    centre = lambda b: (b[:2] + b[2:]) / 2  # noqa: E731
+    return min(faces, key=lambda f: float(np.linalg.norm(centre(f.box) - centre(box))))
+
+
+@functools.lru_cache(maxsize=2)
+def sync_scorer(model: str, checkpoints: str | None, detector: str, device: str) -> SyncScorer:
+    """A lip-sync scorer set up once per process: face="speaker" and the bulk job's --score use it per video."""
+    scorer = SyncScorer(model, checkpoints, detector, device)
+    scorer.setup()
+    return scorer
+
+
+def find_speaker(plan: VideoPlan, cfg: LipSyncConfig, inputs: InputCache | None = None) -> VideoPlan:
+    """`plan` with its `speaker` found when `cfg.face` is "speaker": of the face tracks in the video's first
+    SPEAKER_SECONDS, the one whose mouth moves with the video's OWN audio track (the highest SyncNet confidence),
+    as its median box; Prepare starts from the face nearest it and follows that face. Without an audio track, or
+    without a face track long enough to score, Prepare follows the largest face, with a warning. Called once per
+    video where it is planned: `run`, the bulk job's planning tasks, Serve's ingress."""
+    if cfg.face != "speaker":
+        return plan
+    if not plan.source.has_audio:
+        log.warning("%s: no audio track to find the speaker by: following the largest face", plan.video)
+        return plan
+    scorer = sync_scorer(cfg.score_model, cfg.checkpoints, cfg.detector, cfg.resolved_device())
+    ranked = scorer.score_tracks(local_path(inputs, plan.video), seconds=SPEAKER_SECONDS)
+    if not ranked:
+        log.warning("%s: no face seen long enough to find the speaker: following the largest face", plan.video)
+        return plan
+    return replace(plan, speaker=np.median(ranked[0].track.boxes, 0))
 
 
 class Prepare:
@@ -174,7 +215,7 @@ class Prepare:
             images = [clip.reader[int(plan.source_map[first + i])] for i in group]
             found = []
             for i, image in zip(group, images):
-                face = _choose(self.detector.detect(image), previous, face_policy)
+                face = _choose(self.detector.detect(image), previous, face_policy, plan.speaker)
                 if face is not None:
                     previous, present[i] = face, True
                     points.append(face.points)
@@ -441,14 +482,18 @@ class MissingWeights(FileNotFoundError):
         self.option = option
 
 
-def check_weights(cfg: LipSyncConfig) -> None:
+def check_weights(cfg: LipSyncConfig, scoring: bool = False) -> None:
     """Raise MissingWeights, naming the file and the command that downloads it, when an optional model that `cfg`
-    asks for has no weights: called before any video work starts (`run`, the bulk job, Serve)."""
-    try:
-        if cfg.enhance != "none":
-            restorer_weights(cfg.enhance, cfg.checkpoints)
-    except FileNotFoundError as err:
-        raise MissingWeights("enhance", str(err)) from None
+    (or `scoring` outputs) asks for has no weights: called before any video work starts (`run`, the bulk job,
+    Serve)."""
+    wanted = [("enhance", restorer_weights, cfg.enhance)] if cfg.enhance != "none" else []
+    if cfg.face == "speaker" or scoring:
+        wanted.append(("face" if cfg.face == "speaker" else "score", scorer_weights, cfg.score_model))
+    for option, weights, name in wanted:
+        try:
+            weights(name, cfg.checkpoints)
+        except FileNotFoundError as err:
+            raise MissingWeights(option, str(err)) from None
 
 
 def set_up(stage_class: type[S], *args, **kwargs) -> S:

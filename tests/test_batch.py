@@ -10,6 +10,7 @@ from lipsync_ray.batch import BatchConfig, run_batch
 from lipsync_ray.catalog import read_manifest
 from lipsync_ray.cli import app
 from lipsync_ray.config import LipSyncConfig
+from lipsync_ray.eval import SyncScorer
 from lipsync_ray.media import FrameReader, probe_video
 
 from .conftest import DATA, MARK, cli_run_like_a_ray_worker, ffmpeg, marks_shown
@@ -132,20 +133,36 @@ def test_cli_batch_on_local_files(ray_local, bucket, tmp_path):
     assert bad.exit_code == 2 and "none.csv: no such catalog" in bad.output
 
 
-def test_rows_asking_for_restoration_are_restored_as_run_restores_them(ray_local, bucket, tmp_path):
+@pytest.mark.slow  # three videos through a job, a run and scoring: about a minute on 2 cores
+def test_restoration_scoring_and_the_speaker_in_a_job(ray_local, bucket, tmp_path):
+    """Rows that ask for face restoration get it as `run` does; with --score every output is scored as it is
+    written, and below --min-confidence marked low_sync (kept; exit code 3); face=speaker rows are planned by it."""
     short, speech = bucket / "short.mp4", bucket / "a16.wav"
     catalog = tmp_path / "catalog.csv"
-    catalog.write_text(f"id,video,audio,enhance,enhance_strength\nplain,{short},{speech},,\nrestored,{short},{speech},tiny-random,1\n")
+    rows = [("plain", "", ""), ("restored", "tiny-random", "1"), ("speaker", "", "")]
+    catalog.write_text("id,video,audio,enhance,enhance_strength,face\n" + "".join(
+        f"{name},{short},{speech},{enhance},{strength},{'speaker' if name == 'speaker' else ''}\n" for name, enhance, strength in rows
+    ))
     args = ["--model", "tiny-random", "--steps", "1", "--detector", "offline", "--prepare-actors", "1,1", "--generate-actors", "1,1"]
-    result = CliRunner().invoke(app, ["batch", "--catalog", str(catalog), "--output", str(tmp_path / "out"), *args])
-    assert result.exit_code == 0, result.output
+    scoring = ["--score", "--score-model", "tiny-random", "--min-confidence", "1e9"]
+    result = CliRunner().invoke(app, ["batch", "--catalog", str(catalog), "--output", str(tmp_path / "out"), *args, *scoring])
+    assert result.exit_code == 3, result.output
+    assert "3 videos: 0 ok, 3 low_sync, 0 skipped, 0 failed" in result.output
     manifest = read_manifest(str(tmp_path / "out" / "manifest.parquet")).set_index("id")
+    assert list(manifest.status) == ["low_sync"] * 3 and (manifest.score_s > 0).all() and (manifest.error == "").all()
     assert manifest.loc["plain", "enhance_s"] == 0
     assert 0 < manifest.loc["restored", "enhance_s"] < manifest.loc["restored", "compose_s"]
+    scorer = SyncScorer("tiny-random", detector="offline")
+    scorer.setup()
+    for name in ("plain", "restored"):  # the outputs' own scores
+        expected = scorer(tmp_path / "out" / f"{name}.mp4").columns()
+        assert manifest.loc[name, ["lse_c", "lse_d", "av_offset"]].to_dict() == pytest.approx(expected, rel=1e-4)
     local = tmp_path / "run.mp4"
     cli_run_like_a_ray_worker(str(short), str(speech), "-o", str(local), *args[:6], "--enhance", "tiny-random", "--enhance-strength", "1")
-    with FrameReader(local) as run, FrameReader(tmp_path / "out" / "restored.mp4") as job, FrameReader(tmp_path / "out" / "plain.mp4") as plain:
-        assert run.frames == job.frames == 40
+    out = tmp_path / "out"
+    with FrameReader(local) as run, FrameReader(out / "restored.mp4") as job, FrameReader(out / "plain.mp4") as plain, FrameReader(out / "speaker.mp4") as speaker:
+        assert run.frames == job.frames == speaker.frames == 40
         assert any(not np.array_equal(job[i], plain[i]) for i in range(0, 40, 8))
         for i in range(40):
             np.testing.assert_array_equal(job[i], run[i])
+            np.testing.assert_array_equal(speaker[i], plain[i])  # one face: the speaker is the face followed anyway

@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 
+import cv2
 import jsonschema
 import numpy as np
 import pandas as pd
@@ -20,11 +21,14 @@ from scipy.signal import medfilt
 from typer.testing import CliRunner
 
 from lipsync_ray.cli import app
+from lipsync_ray.config import LipSyncConfig
 from lipsync_ray.eval import FaceTrack, SyncScorer, chunk_seams, face_crops, face_tracks, sync_features, sync_score
 from lipsync_ray.faces import Face
+from lipsync_ray.media import FrameReader
 from lipsync_ray.models import CheckpointMismatchError, SyncNet
 from lipsync_ray.models import download as dl
 from lipsync_ray.models.syncnet import load_syncnet, mfcc, syncnet_path
+from lipsync_ray.stages import SPEAKER_SECONDS, Prepare, find_speaker, plan_video, set_up, sync_scorer
 
 from .conftest import DATA, ffmpeg, load_fixture, loopback_http
 from .test_enhance import seeded_weights
@@ -296,3 +300,72 @@ def test_scorer_ranks_face_tracks_and_scores_outputs(lipsynced):
     assert [(r.track.start, r.track.stop) for r in ranked] == [(0, 25)] and ranked[0].score.frame_conf.shape == (20,)
     columns = scorer(out).columns()
     assert set(columns) == {"lse_c", "lse_d", "av_offset"} and isinstance(columns["av_offset"], int)
+
+
+# -- the active speaker (face="speaker") --------------------------------------------------------------------------
+SPEAKER = LipSyncConfig(model="tiny-random", steps=1, detector="offline", face="speaker", score_model="tiny-random")
+TWO_FACES = ("[0:v]trim=duration=2,crop=540:540:330:460,scale=256:256,split[a][b];"
+             "[b]select='eq(n\\,0)',loop=loop=49:size=1,setpts=N/25/TB,scale=208:208,pad=256:256:24:24[c];"
+             "[a][c]hstack,format=yuv420p[v]")
+
+
+@pytest.fixture(scope="module")
+def two_faces(tmp_path_factory):
+    """512x256, 2 s: demo1's face on the left as filmed, its mouth moving with its own audio; on the right the
+    first frame held still and smaller. speaking.mp4 carries demo1's audio, silent.mp4 no audio track."""
+    folder = tmp_path_factory.mktemp("two_faces")
+    ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-i", str(DATA / "demo1_audio.wav"), "-filter_complex", TWO_FACES,
+           "-map", "[v]", "-map", "1:a", "-t", "2", "-c:v", "libx264", "-c:a", "aac", str(folder / "speaking.mp4"))
+    ffmpeg("-i", str(folder / "speaking.mp4"), "-an", "-c:v", "copy", str(folder / "silent.mp4"))
+    ffmpeg("-i", str(DATA / "demo1_audio.wav"), "-t", "2", str(folder / "speech.wav"))
+    return folder
+
+
+def _side(box) -> str:
+    return "left" if (box[0] + box[2]) / 2 < 256 else "right"
+
+
+def _followed(plan, prepare) -> str:
+    """The side of the face Prepare follows through the plan's first chunk."""
+    part = prepare.part(plan, range(plan.chunks[0].start, plan.chunks[0].stop))
+    centre = cv2.invertAffineTransform(part.matrices[0].astype(np.float64)) @ [64, 64, 1]  # the 128 px crop's centre
+    assert part.flags.all()
+    return "left" if centre[0] < 256 else "right"
+
+
+def test_the_speaker_is_the_face_track_the_scorer_ranks_first(two_faces, monkeypatch):
+    video = two_faces / "speaking.mp4"
+    plan = plan_video(video, two_faces / "speech.wav", SPEAKER)
+    prepare = set_up(Prepare, SPEAKER)
+    ranked = sync_scorer("tiny-random", None, "offline", "cpu").score_tracks(video, seconds=SPEAKER_SECONDS)
+    assert sorted(_side(np.median(r.track.boxes, 0)) for r in ranked) == ["left", "right"]
+    for order in (ranked, ranked[::-1]):  # whichever the scorer ranks first is followed
+        monkeypatch.setattr(SyncScorer, "score_tracks", lambda self, *args, order=order, **kwargs: order)
+        found = find_speaker(plan, SPEAKER)
+        np.testing.assert_array_equal(found.speaker, np.median(order[0].track.boxes, 0))
+        assert _followed(found, prepare) == _side(found.speaker)
+    assert find_speaker(plan, SPEAKER.with_params({"face": "largest"})) is plan
+
+
+def test_without_an_audio_track_the_speaker_is_the_largest_face(two_faces, caplog):
+    plan = plan_video(two_faces / "silent.mp4", two_faces / "speech.wav", SPEAKER)
+    with caplog.at_level("WARNING", logger="lipsync_ray"):
+        found = find_speaker(plan, SPEAKER)
+    assert found.speaker is None and "silent.mp4: no audio track to find the speaker by" in caplog.text
+    assert _followed(found, set_up(Prepare, SPEAKER)) == "left"  # the larger face
+
+
+def test_run_face_speaker_lip_syncs_the_face_the_scorer_ranks_first(two_faces, tmp_path, monkeypatch):
+    """The scorer's ranking reversed, so that the speaker is the smaller face (on the right), not the largest."""
+    video, out = two_faces / "speaking.mp4", tmp_path / "out.mp4"
+    ranked = sync_scorer("tiny-random", None, "offline", "cpu").score_tracks(video, seconds=SPEAKER_SECONDS)
+    smaller_first = sorted(ranked, key=lambda r: r.track.mean_area)
+    monkeypatch.setattr(SyncScorer, "score_tracks", lambda *args, **kwargs: smaller_first)
+    args = ["--model", "tiny-random", "--steps", "1", "--detector", "offline", "--face", "speaker"]
+    result = CliRunner().invoke(app, ["run", str(video), str(two_faces / "speech.wav"), "-o", str(out), *args, "--score-model", "tiny-random"])
+    assert result.exit_code == 0, result.output
+    with FrameReader(video) as source, FrameReader(out) as synced:
+        changed = sum((np.abs(synced[i].astype(int) - source[i]).max(-1) > 40).sum(0) for i in range(0, 50, 10))
+    assert changed[256:].sum() > 500 and changed[:256].sum() < 20  # the right face lip-synced, the left as filmed
+    missing = CliRunner().invoke(app, ["run", str(video), str(two_faces / "speech.wav"), "-o", str(out), *args, "--checkpoints", str(tmp_path)])
+    assert missing.exit_code == 2 and "lipsync-ray download --eval" in missing.output

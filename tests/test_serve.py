@@ -17,13 +17,13 @@ import httpx
 import numpy as np
 import pytest
 
-from lipsync_ray.config import LipSyncConfig
+from lipsync_ray.config import LipSyncConfig, ServeConfig
 from lipsync_ray.media import FrameReader, probe_video
-from lipsync_ray.receive import RequestInputs
+from lipsync_ray.receive import InputError, RequestInputs
 
 from .conftest import DATA, cli_run_like_a_ray_worker, ffmpeg, free_port, loopback_http, serve_apps
 
-TINY = {"model": "tiny-random", "steps": 1, "detector": "offline"}
+TINY = {"model": "tiny-random", "steps": 1, "detector": "offline", "score_model": "tiny-random"}
 KEY = "s3cret-7f3a9c21"
 UPLOAD_LIMIT = 3_000_000
 INPUT_TIMEOUT_S = 5
@@ -371,3 +371,21 @@ def test_restoration_fields(service, media, tmp_path):
     assert refused.status_code == 422 and refused.json()["error"] == {"field": "enhance", "message": "gfpgan is not available on this service"}
     body = httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
     assert {"enhance", "enhance_strength"} <= set(body["multipart/form-data"]["schema"]["properties"])
+
+
+def test_face_speaker(service, media, tmp_path):
+    """The ingress finds the speaker once and the Prepare replica starts from it (one face here: the frames of the
+    default, the largest face); a service without the scorer's weights answers 422 naming the field."""
+    base, _ = service
+    upload = {"video": ("v.mp4", (media / "v.mp4").read_bytes()), "audio": ("a.wav", (media / "a.wav").read_bytes())}
+    for face in ("speaker", "largest"):
+        response = httpx.post(f"{base}/v1/lipsync", files=upload, data={"face": face}, timeout=300)
+        assert response.status_code == 200, response.text
+        (tmp_path / f"{face}.mp4").write_bytes(response.content)
+    with FrameReader(tmp_path / "speaker.mp4") as speaker, FrameReader(tmp_path / "largest.mp4") as largest:
+        for i in range(0, 40, 5):
+            np.testing.assert_array_equal(speaker[i], largest[i])
+    unscored = RequestInputs(ServeConfig(pipeline={**TINY, "score_model": "syncnet-v2", "checkpoints": str(tmp_path)}))
+    with pytest.raises(InputError) as refused:
+        unscored._params({"face": "speaker"})
+    assert (refused.value.status, refused.value.field, refused.value.message) == (422, "face", "speaker is not available on this service")

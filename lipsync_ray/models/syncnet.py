@@ -144,20 +144,29 @@ def check_syncnet_file(path: str | Path) -> None:
     load_syncnet_state(model, path)
 
 
-def load_syncnet(name: str = "syncnet-v2", root: str | Path | None = None, device: str | torch.device = "cpu") -> SyncNet:
-    """The published SyncNet v2 from the checkpoints root, or `tiny-random`: the network at 1/8 width with seeded
-    random weights, for tests and smoke runs (its scores mean nothing). Always fp32: scores are compared with
-    published ones."""
+def scorer_weights(name: str, root: str | Path | None = None) -> Path | None:
+    """The weights file the named scoring model loads (None: random weights). Raises, naming the file and the
+    download command, when it is absent: a check to make before any video work starts."""
     if name not in SCORERS:
         raise ValueError(f"unknown scoring model {name!r}: {' or '.join(SCORERS)}")
     if name == "tiny-random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return SyncNet(num_layers_in_fc_layers=128, width=1 / 8).eval().to(device)
+        return None
     path = syncnet_path(root)
     if not path.is_file():
         raise FileNotFoundError(f"SyncNet v2 weights not found at {path}: run `lipsync-ray download --eval` "
                                 "(or set LIPSYNC_CHECKPOINTS)")
+    return path
+
+
+def load_syncnet(name: str = "syncnet-v2", root: str | Path | None = None, device: str | torch.device = "cpu") -> SyncNet:
+    """The published SyncNet v2 from the checkpoints root, or `tiny-random`: the network at 1/8 width with seeded
+    random weights, for tests and smoke runs (its scores mean nothing). Always fp32: scores are compared with
+    published ones."""
+    path = scorer_weights(name, root)
+    if path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return SyncNet(num_layers_in_fc_layers=128, width=1 / 8).eval().to(device)
     with torch.device("meta"):
         model = SyncNet()
     load_syncnet_state(model, path)
