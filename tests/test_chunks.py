@@ -102,6 +102,7 @@ def test_30_fps_input_is_resampled_and_ping_ponged(media, tmp_path):
     np.testing.assert_array_equal(marks_shown(out), expected)
 
 
+@pytest.mark.slow
 def test_host_memory_does_not_grow_with_video_length(media, tmp_path):
     """Resident memory after every written frame of a 28 s 360x640 video (11 chunks): no higher at the end than
     halfway, where upstream's grows with every frame it holds (about 0.7 MiB per frame here, over 200 MiB between

@@ -148,6 +148,7 @@ def _gpu_nodes(gcs: str) -> list:
     return [n for n in list_nodes(address=gcs, detail=True, raise_on_missing_output=False) if n.state == "ALIVE" and n.resources_total.get("GPU", 0) > 0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_workers_scale_up_for_the_job_and_down_after(fake_cluster, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient

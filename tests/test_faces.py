@@ -128,6 +128,7 @@ def test_offline_detector_matches_hand_placed_points(contract, offline):
         assert error.max() < 0.12 * eyebrow_distance, error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("video", ["demo1_video.mp4", "demo2_video.mp4"])
 def test_offline_detector_finds_the_face_on_every_frame(offline, video):
     counts = [len(offline.detect(frame)) for frame in iter_frames(DATA / video)]
