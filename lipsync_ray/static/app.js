@@ -88,7 +88,10 @@ function control(name, schema) {
 }
 
 async function loadOptions() {
-  const options = await (await api("v1/options")).json();
+  return (await api("v1/options")).json();
+}
+
+function showOptions(options) {
   const fieldset = $("#params");
   fieldset.replaceChildren(make("legend", { textContent: "Settings" }));
   for (const [name, schema] of Object.entries(options.params)) fieldset.append(control(name, schema));
@@ -191,7 +194,8 @@ async function useKey(event) {
   sessionStorage.setItem(KEY_STORE, apiKey);
   clearErrors("X-API-Key");
   try {
-    await loadOptions();
+    const options = await loadOptions();  // checks the key
+    if (!$("#params [name]")) showOptions(options);  // drawn once: what was set stays
     $("#key").hidden = true;
   } catch (err) {
     showError(err);
@@ -202,5 +206,5 @@ document.addEventListener("DOMContentLoaded", () => {
   setUpDropZones();
   $("#job").addEventListener("submit", submit);
   $("#key-form").addEventListener("submit", useKey);
-  loadOptions().catch(showError);
+  loadOptions().then(showOptions).catch(showError);
 });
