@@ -72,7 +72,7 @@ class _Plans:
         self.inputs, self._plans = inputs, {}
 
     def get(self, row: CatalogRow, cfg: LipSyncConfig) -> VideoPlan:
-        key = (row.video, row.audio)
+        key = (row.video, row.audio, cfg.model_dump_json())  # rows of one clip may differ in length mode or chunking
         if key not in self._plans:
             self._plans = dict(list(self._plans.items())[-3:])
             self._plans[key] = plan_video(row.video, row.audio, cfg, self.inputs)
