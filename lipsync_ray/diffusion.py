@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .models.presets import VAE_SCALING, Components, make_scheduler
 from .models.unet import UNet3DConditionModel
-from .plan import Window, window_weights
+from .plan import WINDOW, Window, chunks, window_weights
 
 VAE_FRAMES = 16
 
@@ -216,6 +216,15 @@ class LipSyncDiffusion:
                     weight[frames[:n]] += t
             out = out / weight[:, None, None, None]
             return ((out / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def warm_up(self, params: DiffusionParams, audio_shape: tuple[int, int]) -> None:
+        """One U-Net batch of blank windows through `generate`: lazy GPU initialisation, kernel choices and (when
+        compiled or graphed) the steps' compilation and capture for `params` happen now, while the stage is set up
+        beside the others, instead of in its first chunk. `audio_shape`: (tokens, dim) of a frame's conditioning."""
+        frames = WINDOW * params.windows_per_batch
+        crops = np.zeros((frames, self.resolution, self.resolution, 3), np.uint8)
+        batch = chunks(frames, params.windows_per_batch, overlap=0)[0].windows
+        self.generate(crops, torch.zeros(frames, *audio_shape), list(batch), params, overlap=0)
 
     @staticmethod
     def _frames(w: Window, offset: int, length: int = 16) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .faces.detect import Face, FaceDetector
 from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
 from .models.gfpgan import restorer_weights
 from .models.syncnet import scorer_weights
-from .models.presets import checkpoints_root, load_components, load_whisper
+from .models.presets import audio_shape, checkpoints_root, load_components, load_whisper
 from .plan import FPS, Chunk, chunks, fade_out, fit_audio, output_frame_count, source_frame_map, video_frame_count
 from .storage import InputCache
 
@@ -314,6 +314,8 @@ class Generate:
             components, device, dtype, compile=self.cfg.compile, cuda_graphs=self.cfg.cuda_graphs
         )
         self.params = self.cfg.diffusion_params()
+        if device.startswith("cuda"):
+            self.diffusion.warm_up(self.params, audio_shape(self.cfg.preset()))
 
     def __call__(self, item: PreparedChunk, cfg: LipSyncConfig | None = None) -> PreparedChunk:
         """`cfg` may override the generation parameters (steps, guidance, seed, scheduler, DeepCache)."""

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lipsync_ray.diffusion import DiffusionParams, LipSyncDiffusion, compile_steps, load_mask
-from lipsync_ray.models.presets import build_random_components, get_preset
+from lipsync_ray.audio import chunk_features
+from lipsync_ray.models.presets import audio_shape, build_random_components, get_preset, load_whisper
 from lipsync_ray.plan import chunks, windows
 
 from .conftest import load_fixture
@@ -69,6 +70,21 @@ def test_padded_batches_give_the_same_frames_with_one_unet_batch_shape(diffusion
     finally:
         hook.remove()
     assert np.abs(got.astype(int) - plain).max() <= 1
+
+
+def test_warm_up_runs_one_full_unet_batch_of_the_real_audio_shape(diffusion):
+    """Generate warms up on a GPU with blank windows: the audio shape must be what Prepare makes, and the U-Net
+    must see the batch shape of every later call, so that graphs captured then are the ones replayed."""
+    preset = get_preset("tiny-random")
+    real = chunk_features(load_whisper(preset), np.zeros(16_000, np.float32), range(0, 3))
+    assert tuple(real.shape[1:]) == audio_shape(preset)
+    batches: list[tuple] = []
+    hook = diffusion.c.unet.register_forward_pre_hook(lambda _, args: batches.append(tuple(args[0].shape)))
+    try:
+        LipSyncDiffusion(diffusion.c, pad_batches=True).warm_up(DiffusionParams(steps=1, windows_per_batch=2), audio_shape(preset))
+    finally:
+        hook.remove()
+    assert batches == [(4, 13, 16, R // 8, R // 8)]  # 2 windows, both guidance halves
 
 
 def test_seed_changes_the_result(diffusion):

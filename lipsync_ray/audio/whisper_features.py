@@ -217,6 +217,12 @@ def frame_indices(num_frames: int, rows: int) -> torch.Tensor:
     return (centre + offsets).clamp(0, rows - 1)
 
 
+def tokens_per_frame(layers: int) -> int:
+    """Rows of one frame's conditioning: `frame_indices`' rows for each of the encoder's `layers` states."""
+    before, after = CONTEXT_ROWS
+    return (before + after + 1) * (ROWS_PER_SECOND // FPS) * layers
+
+
 def _flatten(picked: torch.Tensor) -> torch.Tensor:
     """(F, 10, layers, C) -> (F, 10 * layers, C), time-major then layer-minor as upstream."""
     return picked.reshape(picked.shape[0], -1, picked.shape[-1])

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from whisper.model import ModelDimensions
 
 from ..audio import WhisperFeatureEncoder
+from ..audio.whisper_features import tokens_per_frame
 from .checkpoint import checkpoints_root
 from .unet import UNet3DConditionModel
 from .vae import fuse_vae
@@ -132,11 +133,20 @@ def _missing(what: str, path: Path) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found at {path}: run `lipsync-ray download` (or set LIPSYNC_CHECKPOINTS)")
 
 
+def _whisper_dims(preset: ModelPreset) -> ModelDimensions:
+    return ModelDimensions(**json.loads(config_path("whisper", preset.whisper_config).read_text()))
+
+
+def audio_shape(preset: ModelPreset) -> tuple[int, int]:
+    """(tokens, dim) of one video frame's audio conditioning (`audio.whisper_features.frame_features`)."""
+    dims = _whisper_dims(preset)
+    return tokens_per_frame(dims.n_audio_layer + 1), dims.n_audio_state
+
+
 def _random_whisper(preset: ModelPreset) -> WhisperFeatureEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        dims = ModelDimensions(**json.loads(config_path("whisper", preset.whisper_config).read_text()))
-        return WhisperFeatureEncoder(dims).eval()
+        return WhisperFeatureEncoder(_whisper_dims(preset)).eval()
 
 
 def build_random_components(preset: ModelPreset, seed: int = 0, device: str | torch.device = "cpu") -> Components:
