@@ -1,12 +1,13 @@
 """The bulk job as a user runs it: a catalog of clips of mixed length and size, built from the bundled media, through
 `lipsync-ray batch` on N GPUs of this host, beside the plain pipeline (`lipsync-ray run`) on one clip in the same
-process as the reference. Prints one table row per run: fps end to end and in steady state (after the first video),
-the Generate stage's own rate (frames over its busy seconds per GPU) against the plain pipeline's Generate alone,
-the first video's finish time, each stage's busy seconds summed over its workers, actor counts, GPU busy, and peak
-GPU and host memory.
+process as the reference. Prints one table row per run: fps end to end,
+its steady rate per GPU (between the first chunk on a GPU and the last one off it) against the plain pipeline's
+Generate alone, when the first chunk reached the GPU and when the actors were ready, GPU busy over the same span,
+how long chunks queued between Prepare and Generate and the GPU's idle seconds between chunks, each stage's busy
+seconds summed over its workers, actor counts, and peak GPU and host memory.
 
     python benchmarks/catalog.py --video demo1_video.mp4 --audio demo1_audio.wav --clips 24 --gpus 1 \\
-        [--models latentsync-1.5-random latentsync-1.6-random] [--deepcache 0 3] [--lengths 10 30 60 120]
+        [--models latentsync-1.5-random latentsync-1.6-random] [--deepcache 0 3] [--lengths 10 30 60 120] [--prefetch 1 2]
 
 Clips cycle through `--lengths` seconds (the source looped, no re-encode) and alternate between the source's size
 and 720p (re-encoded once, then looped). Multi-GPU: `--gpus 1 2 4` runs the same catalog on each (strong scaling);
@@ -59,40 +60,44 @@ def main() -> None:
     parser.add_argument("--deepcache", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--windows-per-chunk", type=int, default=4)
     parser.add_argument("--overlap", type=int, default=0, help="frames shared by neighbouring windows (upstream: 0)")
-    parser.add_argument("--prepare-per-gpu", type=int, default=6, help="Prepare actors per GPU")
+    parser.add_argument("--prepare-per-gpu", type=int, default=None, help="a fixed Prepare pool per GPU (default: the job's, which grows with demand)")
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[1], help="the job's --generate-prefetch, in turn")
     parser.add_argument("--no-reference", action="store_true", help="skip the plain pipeline's run on the first clip")
     args = parser.parse_args()
 
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| model | DeepCache | GPUs | clips | frames | fps | steady fps | Generate fps per GPU (plain, alone) | first video s "
-          "| prepare / generate / compose busy s | actors (prepare, generate) | GPU busy | peak GPU GiB | peak host GiB |")
-    print("|" + "---|" * 14, flush=True)
+    print("| model | DeepCache | prefetch | GPUs | clips | frames | fps | steady fps per GPU | Generate alone fps (plain) | steady / alone "
+          "| first chunk on GPU s (actors ready: prepare / generate) | GPU busy (stage / NVML) | chunk queue wait s | GPU idle s "
+          "| prepare / generate / compose busy s | actors (prepare, generate) | peak GPU GiB | peak host GiB |")
+    print("|" + "---|" * 18, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         catalogs: dict[int, Path] = {}
-        for model, deepcache, gpus in itertools.product(args.models, args.deepcache, args.gpus):
+        for model, deepcache in itertools.product(args.models, args.deepcache):
             cfg = LipSyncConfig(
                 model=model, deepcache=deepcache, window_overlap=args.overlap, windows_per_chunk=args.windows_per_chunk,
             )
-            clips = args.clips_per_gpu * max(gpus, 1) if args.clips_per_gpu else args.clips
-            if clips not in catalogs:
-                (out / str(clips)).mkdir()
-                catalogs[clips] = build_catalog(args.video, args.audio, out / str(clips), clips, args.lengths)
-            reference = ""
-            if not args.no_reference:  # Generate alone, in this call and on this GPU
-                first = json.loads(catalogs[clips].read_text().splitlines()[0])
-                r = plain(cfg, first["video"], first["audio"], out)
-                reference = f" ({r['generate_alone_fps']:.1f})"
-            r = catalog_job(cfg, catalogs[clips], out, gpus, args.prepare_per_gpu)
-            s = r["stage_s"]
-            print(
-                f"| {model} | {deepcache or 'off'} | {gpus} | {clips} | {r['frames']} | {r['fps']:.1f} | {_fmt(r['steady_fps'])} "
-                f"| {r['generate_fps']:.1f}{reference} | {r['first_video_s']:.0f} | {s['prepare']:.0f} / {s['generate']:.0f} / {s['compose']:.0f} "
-                f"| {r['actors']['prepare']}, {r['actors']['generate']} | {_fmt(r['busy'], '.0%')} | {_fmt(r['gpu_gib'], '.2f')} "
-                f"| {r['host_gib']:.2f} |", flush=True,
-            )
+            alone = None
+            for gpus, prefetch in itertools.product(args.gpus, args.prefetch):
+                clips = args.clips_per_gpu * max(gpus, 1) if args.clips_per_gpu else args.clips
+                if clips not in catalogs:
+                    (out / str(clips)).mkdir()
+                    catalogs[clips] = build_catalog(args.video, args.audio, out / str(clips), clips, args.lengths)
+                if alone is None and not args.no_reference:  # Generate alone, in this call and on this GPU
+                    first = json.loads(catalogs[clips].read_text().splitlines()[0])
+                    alone = plain(cfg, first["video"], first["audio"], out)["generate_alone_fps"]
+                r = catalog_job(cfg, catalogs[clips], out, gpus, args.prepare_per_gpu, generate_prefetch=prefetch)
+                s, t = r["stage_s"], r["timeline"]
+                print(
+                    f"| {model} | {deepcache or 'off'} | {prefetch} | {gpus} | {clips} | {r['frames']} | {r['fps']:.1f} "
+                    f"| {r['steady_fps']:.1f} | {_fmt(alone)} | {_fmt(alone and r['steady_fps'] / alone, '.0%')} "
+                    f"| {t['first_on_gpu']:.1f} ({t['prepare_ready_last']:.1f} / {t['generate_ready']:.1f}) "
+                    f"| {t['gpu_stage_busy']:.0%} / {_fmt(r['busy'], '.0%')} | {t['queue_wait_median_s']:.1f} | {t['gpu_idle_s']:.1f} "
+                    f"| {s['prepare']:.0f} / {s['generate']:.0f} / {s['compose']:.0f} | {r['actors']['prepare']}, {r['actors']['generate']} "
+                    f"| {_fmt(r['gpu_gib'], '.2f')} | {r['host_gib']:.2f} |", flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class Sampler:
 
     def __init__(self, gpus: int):
         self.rss = 0
-        self.util: list[float] = []
+        self.util: list[tuple[float, float]] = []  # (time.time(), mean utilisation % over the GPUs)
         self.gpu_bytes = 0
         self._stop = threading.Event()
         try:
@@ -70,7 +70,8 @@ class Sampler:
                     pass
             self.rss = max(self.rss, total)
             if self._handles:
-                self.util.append(sum(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles) / len(self._handles))
+                util = sum(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles) / len(self._handles)
+                self.util.append((time.time(), util))
                 self.gpu_bytes = max(self.gpu_bytes, max(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles))
 
     def __enter__(self) -> "Sampler":
@@ -81,8 +82,10 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def busy(self) -> float | None:
-        return sum(self.util) / len(self.util) / 100 if self.util else None
+    def busy(self, start: float = 0.0, end: float = float("inf")) -> float | None:
+        """Mean GPU utilisation, over the samples between `start` and `end` (time.time()) when given."""
+        util = [u for t, u in self.util if start <= t <= end]
+        return sum(util) / len(util) / 100 if util else None
 
 
 class Timed:
@@ -178,11 +181,18 @@ def ray_job(
     return catalog_job(cfg, catalog, out, gpus, prepare_per_gpu, **job_options)
 
 
-def catalog_job(cfg: LipSyncConfig, catalog: Path, out: Path, gpus: int, prepare_per_gpu: int, **job_options) -> dict:
-    """The Ray Data job over `catalog` on `gpus` GPUs of a local Ray started here. Besides the whole run's fps,
-    "steady fps" counts only the videos finished after the first, over the time since it finished: the rate once
-    the pipeline is full, without actor start-up and the first video's fill. Stage seconds are summed over the
-    workers (each stage's own busy time, as the manifest reports it)."""
+def catalog_job(
+    cfg: LipSyncConfig, catalog: Path, out: Path, gpus: int, prepare_per_gpu: int | None = None, **job_options
+) -> dict:
+    """The Ray Data job over `catalog` on `gpus` GPUs of a local Ray started here (not timed: the job starts on a
+    running instance). `prepare_per_gpu`: a fixed Prepare pool of that many actors per GPU (default: the job's
+    own, which grows with the GPU stage's demand).
+
+    From the chunks' timelines (`run_batch`'s `on_chunk`): when the first chunk reached a GPU and when the actors
+    were ready, the job's rate between the first chunk on a GPU and the last one off it ("steady": start-up and the
+    last video's Compose left out), GPU busy over the same span (the Generate stage's own seconds, and NVML's),
+    how long chunks waited between Prepare and Generate, and the GPU actors' idle seconds between chunks. Stage
+    seconds are summed over the workers (each stage's own busy time, as the manifest reports it)."""
     import ray
 
     from lipsync_ray.batch import BatchConfig, run_batch
@@ -191,19 +201,23 @@ def catalog_job(cfg: LipSyncConfig, catalog: Path, out: Path, gpus: int, prepare
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # enough logical CPUs for every actor (the GPU stage takes one too) plus the planning and Compose tasks:
     # fewer (a small CPU host) hang the job
-    cpus = max(os.cpu_count() or 1, (prepare_per_gpu + 1) * max(gpus, 1) + 2)
+    cpus = max(os.cpu_count() or 1, ((prepare_per_gpu or 2) + 1) * max(gpus, 1) + 2)
     ray.init(address="local", num_gpus=gpus, num_cpus=cpus, include_dashboard=False)
+    pools = {} if prepare_per_gpu is None else {"prepare_actors": (prepare_per_gpu * max(gpus, 1),) * 2}
     job = BatchConfig(
         # a fresh output prefix: the job skips videos already finished under its output
         catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=gpus > 0,
-        prepare_actors=(prepare_per_gpu * max(gpus, 1),) * 2, generate_actors=(max(gpus, 1),) * 2,
-        **job_options,
+        generate_actors=(max(gpus, 1),) * 2, **pools, **job_options,
     )
+    chunks: list[dict] = []
     try:
         with Sampler(gpus) as sampler:
-            start = time.perf_counter()
+            start, t0 = time.perf_counter(), time.time()
             done: list[float] = []
-            rows = run_batch(job, on_video=lambda _: done.append(time.perf_counter() - start))
+            rows = run_batch(
+                job, on_video=lambda _: done.append(time.perf_counter() - start),
+                on_chunk=lambda r: chunks.append({k: v for k, v in r.items() if k != "payload"}),
+            )
             seconds = time.perf_counter() - start
     finally:
         ray.shutdown()
@@ -211,19 +225,42 @@ def catalog_job(cfg: LipSyncConfig, catalog: Path, out: Path, gpus: int, prepare
     if failed:
         raise RuntimeError(f"{len(failed)} videos failed: {failed[0].error}")
     frames = sum(r.frames for r in rows)
-    steady = frames * (len(rows) - 1) / len(rows) / (done[-1] - done[0]) if len(rows) > 1 and done[-1] > done[0] else None
     stage_s = {k: sum(getattr(r, f"{k}_s") for r in rows) for k in ("prepare", "generate", "compose")}
+    t = _timeline(chunks, t0)
+    steady = frames / (t["last_off_gpu"] - t["first_on_gpu"]) / max(gpus, 1)
     print(
         f"ray x{gpus} {job_options}: videos finished at {', '.join(f'{t:.0f}' for t in done)} s of {seconds:.0f} s; "
-        f"steady fps {_fmt(steady)}; stage seconds summed over workers: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in stage_s.items()), flush=True,
+        f"timeline {json.dumps({k: round(v, 2) for k, v in t.items()})}", flush=True,
     )
     return {
         "fps": frames / seconds, "steady_fps": steady, "frames": frames, "seconds": seconds, "first_video_s": done[0],
-        "generate_fps": frames / (stage_s["generate"] / max(gpus, 1)), "stage_s": stage_s,
-        "actors": {"prepare": job.prepare_actors[0], "generate": job.generate_actors[0]},
-        "busy": sampler.busy(), "host_gib": sampler.rss / 2**30,
+        "generate_fps": frames / (stage_s["generate"] / max(gpus, 1)), "stage_s": stage_s, "timeline": t,
+        "actors": {"prepare": len({c["prepare_worker"] for c in chunks}), "generate": len({c["worker"] for c in chunks if c["generate_s"]})},
+        "busy": sampler.busy(t0 + t["first_on_gpu"], t0 + t["last_off_gpu"]), "host_gib": sampler.rss / 2**30,
         "gpu_gib": sampler.gpu_bytes / 2**30 if sampler.gpu_bytes else None,
+    }
+
+
+def _timeline(chunks: list[dict], t0: float) -> dict[str, float]:
+    """Seconds since the job's start `t0` (and waits) from the chunks' timeline columns."""
+    generated = [c for c in chunks if c["generate_s"]]
+    starts = {id(c): c["generated_at"] - c["generate_s"] for c in generated}
+    per_worker: dict[str, list[dict]] = {}
+    for c in generated:
+        per_worker.setdefault(c["worker"], []).append(c)
+    span = sum(max(c["generated_at"] for c in cs) - min(starts[id(c)] for c in cs) for cs in per_worker.values())
+    busy = sum(c["generate_s"] for c in generated)
+    waits = sorted(starts[id(c)] - c["prepared_at"] for c in generated)
+    return {
+        "prepare_ready_first": min(c["prepare_ready_at"] for c in chunks) - t0,
+        "prepare_ready_last": max(c["prepare_ready_at"] for c in chunks) - t0,
+        "generate_ready": max(c["generate_ready_at"] for c in generated) - t0,
+        "first_prepared": min(c["prepared_at"] for c in chunks) - t0,
+        "first_on_gpu": min(starts.values()) - t0,
+        "last_off_gpu": max(c["generated_at"] for c in generated) - t0,
+        "gpu_stage_busy": busy / span,  # the Generate stage's own seconds over its actors' first-to-last spans
+        "gpu_idle_s": span - busy,  # between chunks, summed over the GPU actors
+        "queue_wait_median_s": waits[len(waits) // 2],  # a chunk's time between Prepare and Generate
     }
 
 

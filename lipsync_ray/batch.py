@@ -112,13 +112,14 @@ class PrepareActor:
         self.inputs = storage.InputCache(self.job.inputs, self.job.storage_options)
         self.stage = set_up(Prepare, self.job.pipeline, self.inputs)
         self.plans = _Plans(self.inputs)
+        self.worker, self.ready_at = _worker(), time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
         for record in _rows(batch):
             first, stop = int(record.pop("first")), int(record.pop("stop"))
             speaker = np.asarray(record.pop("speaker"), float)
             if record["error"]:
-                yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False))
+                yield _batch(dict(record, chunk=-1, payload=b"", prepare_s=0.0, reused=False, **self._times()))
                 continue
             row = self.rows[record["id"]]
             cfg = self.job.pipeline.with_params(row.params)
@@ -127,7 +128,11 @@ class PrepareActor:
                 # after a failed chunk the video has failed: the run's later chunks only carry the error on
                 result = self._prepare(row, cfg, chunk, speaker) if not error else {"payload": b"", "error": error, "prepare_s": 0.0, "reused": False}
                 error = result["error"]
-                yield _batch(dict(record, chunk=chunk, **result))
+                yield _batch(dict(record, chunk=chunk, **result, **self._times()))
+
+    def _times(self) -> dict[str, Any]:
+        """A row's timeline columns (wall clock): when this actor was ready, when the row left it, and which it was."""
+        return {"prepare_ready_at": self.ready_at, "prepared_at": time.time(), "prepare_worker": self.worker}
 
     def _prepare(self, row: CatalogRow, cfg: LipSyncConfig, chunk: int, speaker: np.ndarray) -> dict[str, Any]:
         payload, error, reused = b"", "", False
@@ -149,7 +154,7 @@ class GenerateActor:
     def __init__(self, job: BatchConfig, rows: dict[str, CatalogRow]):
         self.job, self.rows = job, rows
         self.stage = set_up(Generate, self.job.pipeline)
-        self.worker = _worker()
+        self.worker, self.ready_at = _worker(), time.time()
         # with `generate_prefetch` > 1 calls run in threads: one at a time in the stage, the others unpickling or staging
         self.gpu = threading.Lock()
 
@@ -157,7 +162,7 @@ class GenerateActor:
         out: dict[str, list] = defaultdict(list)
         for record in _rows(batch):
             payload = record.pop("payload")
-            faces, seconds, error = -1, 0.0, record["error"]
+            faces, seconds, error, generated_at = -1, 0.0, record["error"], 0.0
             if payload and not error:
                 row = self.rows[record["id"]]
                 cfg = self.job.pipeline.with_params(row.params)
@@ -167,11 +172,13 @@ class GenerateActor:
                         start = time.perf_counter()
                         item: PreparedChunk = self.stage(prepared, cfg)
                         seconds = time.perf_counter() - start  # the stage's own time, as the manifest reports it
+                        generated_at = time.time()
                     faces = int(item.flags.sum())
                     _stage_chunk(item, _chunk_url(_stage_prefix(self.job, row, cfg), item.chunk.index), self.job)
                 except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
                     error = f"chunk {record['chunk']}: {type(err).__name__}: {err}"
-            for k, v in dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker).items():
+            done = dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker, generated_at=generated_at)
+            for k, v in dict(done, generate_ready_at=self.ready_at).items():
                 out[k].append(v)
         return out
 
@@ -295,8 +302,11 @@ class _Driver:
     """The driver's bookkeeping: chunk rows in, a video's Compose task out once all its chunks are staged, and a
     manifest row for each video as it finishes (`on_video` hears of each)."""
 
-    def __init__(self, job: BatchConfig, rows: list[CatalogRow], on_video: Callable[[ManifestRow], None] | None):
-        self.job, self.on_video = job, on_video
+    def __init__(
+        self, job: BatchConfig, rows: list[CatalogRow], on_video: Callable[[ManifestRow], None] | None,
+        on_chunk: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.job, self.on_video, self.on_chunk = job, on_video, on_chunk
         self.videos = {r.id: _Video(r) for r in rows}
         self.done: list[ManifestRow] = []
         self.pending: dict[Any, _Video] = {}  # Compose tasks
@@ -308,6 +318,8 @@ class _Driver:
             self.on_video(row)
 
     def chunk(self, record: dict[str, Any], compose) -> None:
+        if self.on_chunk:
+            self.on_chunk(record)
         v = self.videos[record["id"]]
         if record["chunk"] < 0:
             self.finish(v, "failed", record["error"])
@@ -338,12 +350,17 @@ class _Driver:
             self.finish(v, **result, **stats)  # status: ok, low_sync (--min-confidence) or failed
 
 
-def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None) -> list[ManifestRow]:
-    """Run the job on the connected Ray cluster; returns (and writes) the manifest, one row per catalog row."""
+def run_batch(
+    job: BatchConfig, on_video: Callable[[ManifestRow], None] | None = None,
+    on_chunk: Callable[[dict[str, Any]], None] | None = None,
+) -> list[ManifestRow]:
+    """Run the job on the connected Ray cluster; returns (and writes) the manifest, one row per catalog row.
+    `on_video` hears of each manifest row as it is done; `on_chunk` of each chunk's row as it leaves the GPU stage
+    (with its timeline: when its actors were ready, when it was prepared and generated, and by which workers)."""
     import ray
 
     rows = read_catalog(job.catalog, job.output, job.storage_options, job.output_prefixes)
-    driver = _Driver(job, rows, on_video)
+    driver = _Driver(job, rows, on_video, on_chunk)
     todo = []
     for v in driver.videos.values():
         if storage.exists(v.row.output, job.storage_options):
@@ -354,11 +371,16 @@ def run_batch(job: BatchConfig, on_video: Callable[[ManifestRow], None] | None =
     if todo:
         # one chunk per block, so chunks spread over the actors instead of queueing behind their video's block
         context = ray.data.DataContext.get_current()
+        options = context.execution_options
         block_size, context.target_max_block_size = context.target_max_block_size, 1
+        # Compose tasks run beside the Ray Data stages: a CPU per GPU is kept from the Prepare pool's growth for them
+        excluded, options.exclude_resources = options.exclude_resources, options.exclude_resources.add(
+            ray.data.ExecutionResources(cpu=max(1, ray.cluster_resources().get("GPU", 0)))
+        )
         try:
             _run_pipeline(job, todo, driver, ray)
         finally:
-            context.target_max_block_size = block_size
+            context.target_max_block_size, options.exclude_resources = block_size, excluded
     order = {r.id: i for i, r in enumerate(rows)}
     manifest = sorted(driver.done, key=lambda m: order[m.id])
     write_manifest(manifest, job.manifest_url, job.storage_options)
@@ -388,14 +410,15 @@ def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray
     ds = ds.map_batches(
         PrepareActor, fn_constructor_kwargs=shared, batch_size=1, **ray_resources(Prepare),
         memory=job.prepare_memory_gb * 2**30,
-        compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),
+        compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),  # None: no cap
     )
     prefetch = job.generate_prefetch
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs=shared, batch_size=job.chunks_per_batch,
         # the calls at an actor run in threads; its lock lets one at a time into the stage
         compute=ActorPoolStrategy(
-            min_size=job.generate_actors[0], max_size=job.generate_actors[1], max_tasks_in_flight_per_actor=prefetch,
+            min_size=job.generate_actors[0], max_size=job.generate_actors[1] or (None if gpu else 1),
+            max_tasks_in_flight_per_actor=prefetch,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
         **ray_resources(Generate, gpu, restoring),

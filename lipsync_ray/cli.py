@@ -26,7 +26,7 @@ def _help(name: str, model: type[BaseModel] = LipSyncConfig) -> str:
 def _default(name: str, model: type[BaseModel] = LipSyncConfig):
     """A config field's default as an option default (pairs as MIN,MAX text)."""
     value = model.model_fields[name].default
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return ",".join("" if v is None else str(v) for v in value) if isinstance(value, tuple) else value
 
 
 # Model and generation options shared by every command; each is the LipSyncConfig field of the same name, which
@@ -147,12 +147,13 @@ def run(
     _run_one(make_config(**options), video, audio, output)
 
 
-def _pair(text: str, option: str) -> tuple[int, int]:
+def _pair(text: str, option: str) -> tuple[int, int | None]:
+    """MIN,MAX; MIN, (no MAX) for no upper bound."""
     try:
-        low, high = (int(x) for x in text.split(","))
-        return low, high
+        low, high = text.split(",")
+        return int(low), int(high) if high.strip() else None
     except ValueError:
-        typer.echo(f"error: {option}: expected MIN,MAX, got {text!r}", err=True)
+        typer.echo(f"error: {option}: expected MIN,MAX or MIN, got {text!r}", err=True)
         raise typer.Exit(2) from None
 
 

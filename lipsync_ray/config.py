@@ -150,8 +150,12 @@ class BatchConfig(BaseModel):
         (), description="further prefixes a row's `output` may name (by default only places under `output`)"
     )
     gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
-    prepare_actors: tuple[int, int] = Field((1, 8), description="CPU actor pool size (min, max)")
-    generate_actors: tuple[int, int] = Field((1, 4), description="GPU actor pool size (min, max)")
+    prepare_actors: tuple[int, int | None] = Field(
+        (2, None), description="CPU actor pool size: min,max (no max: it grows while the GPU stage waits for chunks, as far as the cluster's CPUs and memory go)"
+    )
+    generate_actors: tuple[int, int | None] = Field(
+        (1, None), description="GPU actor pool size: min,max (no max: up to one per GPU the cluster has or its autoscaler adds; without GPUs, one)"
+    )
     chunks_per_batch: int = Field(
         1, ge=1, description="chunks per Generate call (more: fewer calls, but a coarser split of the job's last chunks over the GPUs)"
     )

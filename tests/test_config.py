@@ -31,7 +31,7 @@ def test_command_options_take_their_default_and_help_from_the_config(command, mo
     assert len(shared) >= 12 or model is BatchConfig
     for name in shared:
         field, option = model.model_fields[name], options[name]
-        default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        default = ",".join("" if v is None else str(v) for v in field.default) if isinstance(field.default, tuple) else field.default
         assert option.default == default, name
         assert option.help == f"{field.description}.", name
 
