@@ -15,7 +15,7 @@ on that many GPUs. Prints one table row per run:
 
     python benchmarks/end_to_end.py --video V.mp4 --audio A.wav [--models latentsync-1.5-random ...]
         [--deepcache 0 3] [--overlap 4] [--windows-per-chunk 4] [--compile] [--cuda-graphs on off] [--prepare-workers 2]
-        [--compose-device auto cpu]
+        [--compose-device auto cpu] [--enhance none gfpgan-random]
         [--ray-gpus 1 2 4 --ray-videos-per-gpu 6]
 
 Upstream end to end on one H100 (docs/upstream_baseline.md): 7.54 / 11.42 frames/s at 256 (without / with DeepCache),
@@ -289,21 +289,22 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="only the Ray Data runs")
     parser.add_argument("--peak", type=float, default=989.0, help="dense fp16 TFLOP/s of the GPU (H100/H200 SXM: 989)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--enhance", nargs="+", default=["none"], help="face restoration, in turn (gfpgan-random: v1.4's size)")
     args = parser.parse_args()
 
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| path | model | res | DeepCache | overlap | windows/chunk | compile | CUDA graphs | prepare workers | frames | e2e fps "
+    print("| path | model | res | DeepCache | enhance | overlap | windows/chunk | compile | CUDA graphs | prepare workers | frames | e2e fps "
           "| fill / gaps / drain s | prepare fps | generate fps (alone) | compose fps | upstream fps | UNet TFLOP/s | of peak | GPU busy "
           "| peak GPU GiB (allocated / reserved) | peak host GiB |")
-    print("|" + "---|" * 21, flush=True)
+    print("|" + "---|" * 22, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for model in args.models:
-            for deepcache, graphs in itertools.product(args.deepcache, args.cuda_graphs):
+            for deepcache, graphs, enhance in itertools.product(args.deepcache, args.cuda_graphs, args.enhance):
                 cfg = LipSyncConfig(
-                    model=model, deepcache=deepcache, window_overlap=args.overlap, compile=args.compile,
+                    model=model, deepcache=deepcache, enhance=enhance, window_overlap=args.overlap, compile=args.compile,
                     cuda_graphs=graphs == "on", prepare_workers=args.prepare_workers,
                     windows_per_batch=args.windows_per_batch, windows_per_chunk=args.windows_per_chunk, device=args.device,
                 )
@@ -324,7 +325,7 @@ def main() -> None:
                     r = fn()
                     tfl = r.get("unet_tflops")
                     print(
-                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path.startswith('plain')} | {graphs} "
+                        f"| {path} | {model} | {res} | {deepcache or 'off'} | {enhance} | {args.overlap} | {args.windows_per_chunk} | {cfg.compile and path.startswith('plain')} | {graphs} "
                         f"| {workers} | {r['frames']} | {r['fps']:.1f} | {r.get('fill_gaps_drain', '')} "
                         f"| {_fmt(r.get('prepare_fps'))} | {_fmt(r.get('generate_fps'))}"
                         + ("" if r.get("generate_alone_fps") is None else f" ({r['generate_alone_fps']:.1f})") + " "

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .diffusion import DiffusionParams
     from .models.presets import ModelPreset
 
-EnhanceMode = Literal["none", "gfpgan", "tiny-random"]  # face restoration: off, or a `models.gfpgan.RESTORERS` preset
+EnhanceMode = Literal["none", "gfpgan", "tiny-random", "gfpgan-random"]  # face restoration: off, or a `models.gfpgan.RESTORERS` preset
 
 
 class LipSyncConfig(BaseModel):
@@ -62,7 +62,7 @@ class LipSyncConfig(BaseModel):
         None, ge=0, le=64, description="`run`: Prepare (decode, faces, audio) in N worker processes; 0: a thread (default on a GPU host: 2 with 8-15 cores, 4 with 16+, else 0)"
     )
     enhance: EnhanceMode = Field(
-        "none", description="face restoration after paste-back: none, gfpgan (GFPGAN v1.4: sharper mouth and teeth; `lipsync-ray download --enhance`), tiny-random (random weights, for tests)"
+        "none", description="face restoration after paste-back: none, gfpgan (GFPGAN v1.4: sharper mouth and teeth; `lipsync-ray download --enhance`), tiny-random (random weights, for tests), gfpgan-random (v1.4's size with random weights, for benchmarks)"
     )
     enhance_strength: float = Field(
         0.5, ge=0.0, le=1.0, description="share of the restored face in its blend with the generated one, 0..1"

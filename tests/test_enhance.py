@@ -375,6 +375,6 @@ def test_the_openapi_docs_list_the_restoration_fields():
         content = spec["paths"][route]["post"]["requestBody"]["content"]
         for kind in ("multipart/form-data", "application/json"):
             fields = content[kind]["schema"]["properties"]
-            assert fields["enhance"]["anyOf"][0]["enum"] == ["none", "gfpgan", "tiny-random"]
+            assert fields["enhance"]["anyOf"][0]["enum"] == ["none", "gfpgan", "tiny-random", "gfpgan-random"]
             assert "GFPGAN" in fields["enhance"]["description"]
             assert (fields["enhance_strength"]["anyOf"][0]["minimum"], fields["enhance_strength"]["anyOf"][0]["maximum"]) == (0, 1)

@@ -267,6 +267,9 @@ RESTORERS: dict[str, RestorerPreset] = {
         "tiny-random", dict(GFPGAN_V14, out_size=128, num_style_feat=32, narrow=0.0625), file=None,
         description="small random-weight GFPGAN for tests and smoke runs: MEANINGLESS restorations",
     ),
+    "gfpgan-random": RestorerPreset(
+        "gfpgan-random", file=None, description="GFPGAN v1.4's architecture with random weights, for benchmarks: MEANINGLESS restorations",
+    ),
 }
 
 
