@@ -43,7 +43,7 @@ import numpy as np
 from . import storage
 from .catalog import CatalogRow, ManifestRow, read_catalog, write_manifest
 from .config import BatchConfig, LipSyncConfig
-from .media import MediaError, probe_video
+from .media import MediaError
 from .plan import FPS
 from .stages import (
     Compose, Generate, PreparedChunk, Prepare, VideoPlan, at_lower_priority, check_weights, compose_device, find_speaker,
@@ -89,10 +89,10 @@ def plan_runs(record: dict[str, Any], job: BatchConfig, rows: dict[str, CatalogR
     inputs = storage.InputCache(job.inputs, job.storage_options)
     try:
         cfg = job.pipeline.with_params(row.params)
-        video = inputs.local(row.video, "video")  # fetched here so that errors name the input
+        inputs.local(row.video, "video")  # fetched here so that errors name the input
         inputs.local(row.audio, "audio")
-        storage.check_video(probe_video(video), job.inputs)  # before anything is decoded
-        plan = find_speaker(plan_video(row.video, row.audio, cfg, inputs), cfg, inputs)  # face="speaker": once here
+        plan = plan_video(row.video, row.audio, cfg, inputs, limits=job.inputs)  # limits checked before decoding
+        plan = find_speaker(plan, cfg, inputs)  # face="speaker": once here
     except (MediaError, ValueError) as err:
         return [{"id": row.id, "first": -1, "stop": -1, "chunks": 0, "speaker": NO_SPEAKER, "error": str(err)}]
     finally:

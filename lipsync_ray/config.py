@@ -116,8 +116,8 @@ class LipSyncConfig(BaseModel):
 
 
 class InputPolicy(BaseModel):
-    """Which inputs a service or job accepts: the URL rules of `storage.check_url` and the video limits checked on
-    the probe, before anything is decoded (see the README's Security section)."""
+    """Which inputs a service or job accepts: the URL rules of `storage.check_url` and the video and audio limits
+    checked on the probes, before anything is decoded (`stages.plan_video`; see the README's Security section)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -131,6 +131,9 @@ class InputPolicy(BaseModel):
     )
     max_video_pixels: int = Field(3840 * 2160, gt=0, description="largest video frame (width x height)")
     max_video_frames: int = Field(90_000, gt=0, description="longest video in frames (an hour at 25 fps)")
+    max_audio_seconds: float = Field(
+        3600.0, gt=0, description="longest audio in seconds (an hour), judged by the probe before it is decoded"
+    )
 
 
 class BatchConfig(BaseModel):

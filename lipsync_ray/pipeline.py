@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .ahead import ahead
-from .config import LipSyncConfig
+from .config import InputPolicy, LipSyncConfig
 from .stages import (
     Compose, Generate, NoFaceError, Prepare, PreparedPart, VideoPlan, assemble, check_weights, chunk_parts,
     find_speaker, kept, lower_priority, plan_video, set_up,
@@ -76,11 +76,13 @@ def _prepare_in_worker(plan: VideoPlan, frames: range) -> PreparedPart:
 
 
 class LipSyncPipeline:
-    """The stages set up once (Prepare in its own processes with `prepare_workers`), reusable across videos."""
+    """The stages set up once (Prepare in its own processes with `prepare_workers`), reusable across videos.
+    `limits`: the video size and audio length each video is checked against before it is decoded."""
 
-    def __init__(self, cfg: LipSyncConfig):
+    def __init__(self, cfg: LipSyncConfig, limits: InputPolicy | None = None):
         check_weights(cfg)  # an optional model's missing weights: before any worker or model starts
         self.cfg = cfg
+        self.limits = limits or InputPolicy()
         self.workers: ProcessPoolExecutor | None = None
         self.prepare: Callable[[VideoPlan, range], PreparedPart]  # one part of a chunk (`Prepare.part`)
         self.prepare_workers = cfg.resolved_prepare_workers()
@@ -117,7 +119,7 @@ class LipSyncPipeline:
         progress: Callable[[int], None] | None = None, on_plan: Callable[[int], None] | None = None,
     ) -> RunResult:
         start = time.perf_counter()
-        plan = find_speaker(plan_video(video, audio, self.cfg), self.cfg)
+        plan = find_speaker(plan_video(video, audio, self.cfg, limits=self.limits), self.cfg)
         if on_plan:
             on_plan(plan.n_out)
         counts = {"faceless": 0, "faces": 0}

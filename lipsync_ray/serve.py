@@ -19,6 +19,7 @@ import hmac
 import html
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -55,6 +56,9 @@ PAGE_HEADERS = {
 }
 
 
+OUR_FOLDERS = re.compile(r"(?<!\S)/\S*/")  # where a request's files are kept (no spaces: they are ours), up to their names
+
+
 def _error(status: int, field_name: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status, headers=headers)
 
@@ -70,9 +74,10 @@ def _input_error(err: Exception) -> InputError:
     if isinstance(err, RayActorError):  # a Prepare or Generate replica went away: it is replaced
         return InputError(503, "", "temporarily unavailable, try again")
     cause = getattr(err, "cause", err)  # a stage's own exception, inside Ray's RayTaskError
-    if isinstance(cause, MediaError):
+    if isinstance(cause, MediaError):  # it names the input by its path: told by its name (video.mp4), not our folders
         log.warning("a stage could not decode an input: %s", cause)
-        return InputError(422, "video", "the video or audio cannot be decoded")
+        message = OUR_FOLDERS.sub("", str(cause))
+        return InputError(422, "audio" if message.startswith("audio") else "video", message)
     log.error("request failed", exc_info=err)
     return InputError(500, "", "internal error")
 
@@ -307,8 +312,9 @@ class LipSyncAPI:
         job = self.jobs.new()
         with _removed_on_failure(self.work / job.id) as folder:
             video, audio, params = await self.inputs(request, folder)
-            await asyncio.to_thread(self._check_media, video, audio, self.config.max_job_seconds)
-        self.jobs.start(job, self._job(job, video, audio, params, folder))
+            cfg = self.config.pipeline.with_params(params)
+            plan = await asyncio.to_thread(self._check_media, video, audio, self.config.max_job_seconds, cfg)
+        self.jobs.start(job, self._job(job, video, audio, params, folder, plan))
         self.requests.inc(tags={"route": "jobs", "status": "202"})
         return {"id": job.id, "status": job.status}
 
@@ -333,11 +339,11 @@ class LipSyncAPI:
             return {"id": job.id, "url": job.result}
         return FileResponse(job.result, media_type="video/mp4", filename=f"{job.id}.mp4")
 
-    async def _job(self, job: Job, video: str, audio: str, params: dict, folder: Path) -> None:
+    async def _job(self, job: Job, video: str, audio: str, params: dict, folder: Path, plan=None) -> None:
         job.status = "running"
         try:
             out = folder / "out.mp4"
-            await self._run(video, audio, params, out, self.config.max_job_seconds, job)
+            await self._run(video, audio, params, out, self.config.max_job_seconds, job, plan)
             if self.config.output_prefix:
                 url = storage.join(self.config.output_prefix, f"{job.id}.mp4")
                 await asyncio.to_thread(storage.upload_atomic, out, url, self.config.storage_options)
@@ -352,9 +358,11 @@ class LipSyncAPI:
             shutil.rmtree(folder, ignore_errors=True)
 
     # --- the work ---------------------------------------------------------------------------------------
-    async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: Job | None) -> int:
+    async def _run(self, video: str, audio: str, params: dict, out: Path, max_seconds: float, job: Job | None, plan=None) -> int:
+        """`plan`: the inputs' plan where the route has made it already (`_check_media`)."""
         cfg = self.config.pipeline.with_params(params)
-        plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
+        if plan is None:
+            plan = await asyncio.to_thread(self._check_media, video, audio, max_seconds, cfg)
         plan = await asyncio.to_thread(find_speaker, plan, cfg)  # face="speaker": scored once, here
         if job:
             job.frames_total, job.chunks_total = plan.n_out, len(plan.chunks)
@@ -386,9 +394,13 @@ class LipSyncAPI:
             info = probe_video(video)
         except MediaError as err:
             raise InputError(422, "video", str(err).replace(folder, "")) from None
-        storage.check_video(info, self.config.inputs)
-        try:
-            plan = plan_video(video, audio, cfg or self.config.pipeline)
+        try:  # the limits (video size, audio no longer than any job) are checked on the probes, before decoding
+            plan = plan_video(
+                video, audio, cfg or self.config.pipeline, limits=self.config.inputs,
+                max_seconds=self.config.max_job_seconds, info=info,
+            )
+        except storage.InputRefused as err:
+            raise type(err)(err.field, err.message.replace(folder, "")) from None
         except MediaError as err:
             raise InputError(422, "audio", str(err).replace(folder, "")) from None
         if plan.n_out / 25 > max_seconds:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -24,18 +25,18 @@ from more_itertools import chunked
 
 from .ahead import ahead
 from .audio import EncodedWindows, chunk_features, mel_ceiling
-from .config import LipSyncConfig
+from .config import InputPolicy, LipSyncConfig
 from .diffusion import LipSyncDiffusion
 from .enhance import FaceRestorer, five_points, restoration_masks
 from .eval import SyncScorer
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
-from .media import FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_video
+from .media import AudioTooLong, FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_audio, probe_video
 from .models.gfpgan import restorer_weights
 from .models.syncnet import scorer_weights
 from .models.presets import audio_shape, checkpoints_root, load_components, load_whisper
 from .plan import FPS, Chunk, chunks, fade_out, fit_audio, output_frame_count, source_frame_map, video_frame_count
-from .storage import InputCache
+from .storage import InputCache, InputTooLarge, check_video
 
 
 ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
@@ -79,11 +80,26 @@ def local_path(inputs: InputCache | None, url: str | Path) -> str:
     return inputs.local(str(url)) if inputs is not None else str(url)
 
 
-def plan_video(video: str | Path, audio: str | Path, cfg: LipSyncConfig, inputs: InputCache | None = None) -> VideoPlan:
+def plan_video(
+    video: str | Path, audio: str | Path, cfg: LipSyncConfig, inputs: InputCache | None = None,
+    limits: InputPolicy | None = None, max_seconds: float | None = None, info: VideoInfo | None = None,
+) -> VideoPlan:
     """The frame map and chunks of one video, as long as `cfg.length` says; `video` and `audio` may be URLs when
-    `inputs` is given."""
-    info = probe_video(local_path(inputs, video))
-    wave = load_audio(local_path(inputs, audio))
+    `inputs` is given. With `limits`, the video's size and frames and the audio's length (at most
+    `limits.max_audio_seconds` and `max_seconds`) are checked on their probes before anything is decoded:
+    InputTooLarge naming the field and the input. `info`: the video's probe, where the caller has it already."""
+    info = info or probe_video(local_path(inputs, video))
+    audio_path = local_path(inputs, audio)
+    longest = None
+    if limits is not None:
+        check_video(info, limits, "video", str(video))
+        longest = min(limits.max_audio_seconds, max_seconds if max_seconds is not None else math.inf)
+    try:
+        if longest is not None:
+            probe_audio(audio_path, longest)
+        wave = load_audio(audio_path, max_seconds=longest)  # decoding stops past it, whatever the header said
+    except AudioTooLong as err:
+        raise InputTooLarge("audio", str(err).replace(audio_path, str(audio), 1)) from None
     n_out = output_frame_count(wave.size, video_frames=video_frame_count(info.pts, info.end, info.time_base), length=cfg.length)
     source_map = source_frame_map(n_out, info.pts, info.end, info.time_base, cfg.length)
     return VideoPlan(

@@ -233,12 +233,14 @@ def _copy(read: Callable[[int], bytes], partial: Path, url: str, field: str, max
             out.write(data)
 
 
-def check_video(info: VideoInfo, policy: InputPolicy, field: str = "video") -> None:
-    """Refuse (InputTooLarge) a probed video over `policy`'s size limits, before any of it is decoded."""
+def check_video(info: VideoInfo, policy: InputPolicy, field: str = "video", name: str = "") -> None:
+    """Refuse (InputTooLarge, its message starting with `name` where given) a probed video over `policy`'s size
+    limits, before any of it is decoded."""
+    named = f"{name}: " if name else ""
     if info.width * info.height > policy.max_video_pixels:
-        raise InputTooLarge(field, f"{info.width}x{info.height} is more than the {policy.max_video_pixels} pixels allowed")
+        raise InputTooLarge(field, f"{named}{info.width}x{info.height} is more than the {policy.max_video_pixels} pixels allowed")
     if info.frames > policy.max_video_frames:
-        raise InputTooLarge(field, f"{info.frames} frames is more than the {policy.max_video_frames} allowed")
+        raise InputTooLarge(field, f"{named}{info.frames} frames is more than the {policy.max_video_frames} allowed")
 
 
 def safe_name(raw: str) -> str:

@@ -231,8 +231,9 @@ def test_bulk_job_rows_read_under_the_policy(tmp_path, no_network):
         ((video, "https://169.254.169.254/latest/meta-data/a.wav"), {}, "audio: https://169.254.169.254/latest/meta-data/a.wav: the host is on a cloud metadata address"),
         ((video, "memory://a.wav"), {}, "audio: memory://a.wav: only s3://, gs://, https:// URLs"),
         ((video, audio), {"local_paths": False}, f"video: {video}: local paths are not accepted"),
-        ((video, audio), {"max_video_pixels": 1920 * 1080 - 1}, "video: 1080x1920 is more than the 2073599 pixels allowed"),
-        ((video, audio), {"max_video_frames": 100}, "video: 250 frames is more than the 100 allowed"),
+        ((video, audio), {"max_video_pixels": 1920 * 1080 - 1}, f"video: {video}: 1080x1920 is more than the 2073599 pixels allowed"),
+        ((video, audio), {"max_video_frames": 100}, f"video: {video}: 250 frames is more than the 100 allowed"),
+        ((video, audio), {"max_audio_seconds": 5}, f"audio: {audio}: the audio (9.6 s) is longer than the 5 s allowed"),
     ]
     for (v, a), policy, error in refused:
         [row] = _plan(tmp_path, v, a, **({"local_paths": True} | policy))

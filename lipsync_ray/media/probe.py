@@ -86,8 +86,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     """Stream facts from ffprobe, and the frames' presentation timestamps from the container's packets (read
     without decoding, by the same libavformat that decodes them later; packets an edit list drops are left out)."""
     path = str(path)
-    if not Path(path).is_file():
-        raise MediaError(f"{path}: no such file")
+    _check_file(path)
     try:
         info = ffmpeg.probe(path)
     except ffmpeg.Error as err:
@@ -132,19 +131,63 @@ def _rotation(stream: dict) -> int:
     return 0
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Any container, rate or channel layout -> mono float32 at `sample_rate`; empty or silent audio is an error."""
-    path = str(path)
+def _check_file(path: str) -> None:
     if not Path(path).is_file():
         raise MediaError(f"{path}: no such file")
+    if not Path(path).stat().st_size:
+        raise MediaError(f"{path}: the file is empty (0 bytes)")
+
+
+class AudioTooLong(MediaError):
+    """Audio over the length allowed (`probe_audio`'s or `load_audio`'s `max_seconds`)."""
+
+
+def _too_long(path: str, max_seconds: float, seconds: float | None = None) -> AudioTooLong:
+    length = f" ({seconds:.1f} s)" if seconds is not None else ""
+    return AudioTooLong(f"{path}: the audio{length} is longer than the {max_seconds:g} s allowed")
+
+
+def probe_audio(path: str | Path, max_seconds: float | None = None) -> float | None:
+    """The duration in seconds of a file's first audio stream as its container declares it (None where it does
+    not), read without decoding; MediaError when the file has no audio stream, AudioTooLong when it declares more
+    than `max_seconds`."""
+    path = str(path)
+    _check_file(path)
+    try:
+        with av.open(path) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise MediaError(f"{path}: has no audio stream")
+            if stream.duration is not None and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / av.time_base if container.duration is not None else None
+    except av.FFmpegError as err:
+        raise MediaError(f"{path}: not readable audio ({err.strerror or err})") from None
+    if seconds is not None and max_seconds is not None and seconds > max_seconds:
+        raise _too_long(path, max_seconds, seconds)
+    return seconds
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """Any container, rate or channel layout -> mono float32 at `sample_rate`; empty or silent audio is an error.
+    With `max_seconds`, decoding stops just past it and longer audio is AudioTooLong (whatever its header says)."""
+    path = str(path)
+    _check_file(path)
+    limit = {} if max_seconds is None else {"t": max_seconds + 1}
     try:
         raw, _ = (
             ffmpeg.input(path)
-            .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, vn=None)
+            .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, vn=None, **limit)
             .run(capture_stdout=True, capture_stderr=True)
         )
     except ffmpeg.Error as err:
-        raise MediaError(f"{path}: not readable audio ({_ffmpeg_reason(err)})") from None
+        reason = _ffmpeg_reason(err)
+        if "does not contain any stream" in reason:  # nothing to decode: -vn left no stream
+            raise MediaError(f"{path}: has no audio stream") from None
+        raise MediaError(f"{path}: not readable audio ({reason})") from None
+    if max_seconds is not None and len(raw) // 2 > max_seconds * sample_rate:
+        raise _too_long(path, max_seconds)
     audio = np.frombuffer(raw, np.int16).astype(np.float32) / 32768.0
     if audio.size < sample_rate // FPS:
         raise MediaError(f"{path}: the audio is empty (shorter than one video frame)")
