@@ -24,8 +24,12 @@ def _help(name: str, model: type[BaseModel] = LipSyncConfig) -> str:
 
 
 def _default(name: str, model: type[BaseModel] = LipSyncConfig):
-    """A config field's default as an option default (pairs as MIN,MAX text)."""
-    value = model.model_fields[name].default
+    """A config field's default as an option default (pairs and lists as comma-separated text, a nested config as
+    its JSON)."""
+    field = model.model_fields[name]
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
     return ",".join("" if v is None else str(v) for v in value) if isinstance(value, tuple) else value
 
 
@@ -157,6 +161,19 @@ def _pair(text: str, option: str) -> tuple[int, int | None]:
         raise typer.Exit(2) from None
 
 
+def _json_object(text: str | None, option: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        value = err
+    if not isinstance(value, dict):
+        typer.echo(f"error: {option}: expected a JSON object, got {text!r}", err=True)
+        raise typer.Exit(2)
+    return value
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address` or $RAY_ADDRESS; without either, start Ray embedded on this machine."""
     import os
@@ -206,6 +223,8 @@ def batch(
     generate_prefetch: Annotated[int, typer.Option(help=_help("generate_prefetch", BatchConfig))] = _default("generate_prefetch", BatchConfig),
     score: Annotated[bool, typer.Option("--score/--no-score", help=_help("score", BatchConfig))] = _default("score", BatchConfig),
     min_confidence: Annotated[Optional[float], typer.Option(help=_help("min_confidence", BatchConfig))] = _default("min_confidence", BatchConfig),
+    inputs: Annotated[str, typer.Option(help=_help("inputs", BatchConfig) + " JSON; the fields given replace these.")] = _default("inputs", BatchConfig),
+    output_prefixes: Annotated[str, typer.Option(help=_help("output_prefixes", BatchConfig) + " Comma-separated.")] = _default("output_prefixes", BatchConfig),
     storage_options: Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON (default: from the environment).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")] = None,
 ) -> None:
@@ -226,15 +245,20 @@ def batch(
     from .catalog import CatalogError
 
     job_keys = ("catalog", "output", "gpu", "chunks_per_batch", "chunks_per_prepare", "generate_prefetch", "score", "min_confidence")
-    job_options = {k: options.pop(k) for k in (*job_keys, "prepare_actors", "generate_actors", "storage_options", "address")}
+    job_options = {
+        k: options.pop(k)
+        for k in (*job_keys, "prepare_actors", "generate_actors", "storage_options", "address", "inputs", "output_prefixes")
+    }
     cfg = make_config(**options)
     try:
         job = BatchConfig(
             pipeline=cfg, **{k: job_options[k] for k in job_keys},
             prepare_actors=_pair(prepare_actors, "--prepare-actors"), generate_actors=_pair(generate_actors, "--generate-actors"),
-            storage_options=json.loads(job_options["storage_options"] or "{}"),
+            storage_options=_json_object(job_options["storage_options"], "--storage-options"),
+            inputs={**json.loads(_default("inputs", BatchConfig)), **_json_object(job_options["inputs"], "--inputs")},
+            output_prefixes=tuple(p for p in job_options["output_prefixes"].split(",") if p),
         )
-    except (ValidationError, json.JSONDecodeError) as err:
+    except ValidationError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     connect_ray(address)
