@@ -173,6 +173,7 @@ def test_run(corpus, tmp_path):
             error = [line for line in result.output.splitlines() if line.startswith("error: ")]
             assert result.exit_code == 2 and len(error) == 1, (case.name, result.output)
             assert case.named in error[0] and (case.run_words or case.words) in error[0], (case.name, error)
+            assert error[0].count(case.named) == 1, error  # named once
             assert _leftovers(out.parent, set()) == [], case.name
     out = tmp_path / "1x1.mp4"  # kept whole when asked to: a 1x1 video in, a 1x1 video out
     result = runner.invoke(cli.app, ["run", str(corpus / "tiny_1x1.mp4"), str(corpus / "good.wav"), "-o", str(out), *options, "--on-no-face", "passthrough"])

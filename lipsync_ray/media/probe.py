@@ -20,9 +20,10 @@ class MediaError(ValueError):
     """A media input that cannot be used; the message names the input and the problem."""
 
 
-def _ffmpeg_reason(err: ffmpeg.Error) -> str:
+def _ffmpeg_reason(err: ffmpeg.Error, path: str) -> str:
+    """ffmpeg's last words, without the path it starts them with (the message names the input already)."""
     lines = [line for line in (err.stderr or b"").decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else "ffmpeg failed"
+    return lines[-1].removeprefix(f"{path}: ") if lines else "ffmpeg failed"
 
 
 # ffprobe's colour names -> the matrix names of ffmpeg's scale filter (what the encoder converts RGB with)
@@ -90,7 +91,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     try:
         info = ffmpeg.probe(path)
     except ffmpeg.Error as err:
-        raise MediaError(f"{path}: not a readable video ({_ffmpeg_reason(err)})") from None
+        raise MediaError(f"{path}: not a readable video ({_ffmpeg_reason(err, path)})") from None
     streams = info.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")), None)
     if video is None:
@@ -182,7 +183,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
             .run(capture_stdout=True, capture_stderr=True)
         )
     except ffmpeg.Error as err:
-        reason = _ffmpeg_reason(err)
+        reason = _ffmpeg_reason(err, path)
         if "does not contain any stream" in reason:  # nothing to decode: -vn left no stream
             raise MediaError(f"{path}: has no audio stream") from None
         raise MediaError(f"{path}: not readable audio ({reason})") from None
