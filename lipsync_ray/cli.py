@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -190,6 +191,27 @@ def connect_ray(address: str | None) -> None:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
+@contextmanager
+def _interruptible():
+    """Ctrl-C and SIGTERM (what Kubernetes and `ray job stop` send) raise KeyboardInterrupt in the main thread, and the
+    signal's number is kept in the list yielded. Set once Ray is connected: its native handler would otherwise abort
+    on SIGTERM with a stack dump."""
+    import signal
+
+    stopped = [signal.SIGINT]
+
+    def interrupt(signum, _frame):
+        stopped[0] = signum
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @app.command()
 def batch(
     catalog: Annotated[str, typer.Option(help="Catalog URL (.parquet, .csv or .jsonl): columns video, audio (and optionally id, output, per-row options).")],
@@ -232,7 +254,7 @@ def batch(
 
     Reruns skip videos whose output exists and reuse finished chunks. Exit codes: 0 all videos ok or skipped,
     1 some failed (see the manifest), 2 bad catalog, bad options or missing weights, 3 none failed but some are
-    low_sync (below --min-confidence).
+    low_sync (below --min-confidence), 130 or 143 stopped by Ctrl-C or SIGTERM (rerun to resume).
     """
     options = dict(locals())
     import json
@@ -264,10 +286,14 @@ def batch(
     connect_ray(address)
     console = Console(stderr=True)
     try:
-        manifest = run_batch(job, on_video=lambda m: console.print(f"{m.status:8} {m.id}  {m.error or m.output}"))
+        with _interruptible() as stopped:
+            manifest = run_batch(job, on_video=lambda m: console.print(f"{m.status:8} {m.id}  {m.error or m.output}"))
     except (CatalogError, FileNotFoundError) as err:  # a bad catalog, or an optional model's missing weights
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished videos and staged chunks are kept; the same command resumes", err=True)
+        raise typer.Exit(128 + stopped[0])
     table = Table("id", "status", "frames", "seconds", "output / error")
     for m in manifest:
         table.add_row(m.id, m.status, str(m.frames), f"{m.prepare_s + m.generate_s + m.compose_s + m.score_s:.1f}", m.error or m.output)
