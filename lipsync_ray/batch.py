@@ -364,6 +364,7 @@ def run_batch(
     todo = []
     for v in driver.videos.values():
         if storage.exists(v.row.output, job.storage_options):
+            _remove_staged(job, v.row)
             driver.finish(v, "skipped", "output exists")
         else:
             todo.append(v.row)
@@ -385,6 +386,16 @@ def run_batch(
     manifest = sorted(driver.done, key=lambda m: order[m.id])
     write_manifest(manifest, job.manifest_url, job.storage_options)
     return manifest
+
+
+def _remove_staged(job: BatchConfig, row: CatalogRow) -> None:
+    """A finished video's staged chunks, left behind when its Compose task or the driver died between the upload
+    and the clean-up."""
+    try:
+        cfg = job.pipeline.with_params(row.params)
+    except ValueError:  # a row that cannot have been staged
+        return
+    storage.remove_tree(_stage_prefix(job, row, cfg), job.storage_options)
 
 
 def _check_weights(job: BatchConfig, rows: list[CatalogRow]) -> None:
