@@ -305,6 +305,9 @@ def batch(
         raise typer.Exit(1 if counts["failed"] else 3)
 
 
+DRAIN_S = 15  # on SIGTERM, within Kubernetes' default 30 s grace period with the time Serve takes to stop
+
+
 @app.command()
 def serve(
     model: Model = _default("model"),
@@ -338,13 +341,17 @@ def serve(
     connect_ray(server["address"])
     config = ServeConfig(pipeline=cfg, gpu=server["gpu"], api_key=server["api_key"])
     ray_serve.start(http_options={"host": host, "port": port})
-    ray_serve.run(build_app(config.model_dump()), name="lipsync", route_prefix="/", blocking=False)
+    ingress = ray_serve.run(build_app(config.model_dump()), name="lipsync", route_prefix="/", blocking=False)
     stop = threading.Event()  # after Serve started: Ray's native handlers would otherwise abort on SIGTERM
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     typer.echo(f"lipsync-ray serving on http://{host}:{port} (docs at /docs); Ctrl-C stops")
     stop.wait()
-    typer.echo("stopping")
+    typer.echo(f"stopping: the requests in flight get up to {DRAIN_S} s")
+    try:
+        ingress.drain.remote(DRAIN_S).result(timeout_s=DRAIN_S + 5)
+    except Exception:  # noqa: BLE001 - an ingress that cannot drain is stopped all the same
+        pass
     ray_serve.shutdown()
     ray.shutdown()
 

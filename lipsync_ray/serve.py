@@ -202,12 +202,15 @@ def _answers_errors(route: str):
 
 
 @contextmanager
-def _removed_on_failure(folder: Path):
-    """A request's folder, removed when the request fails or is cancelled (the client went away)."""
+def _removed_on_failure(folder: Path, answering: set[Path] | None = None):
+    """A request's folder, removed (and from `answering`) when the request fails or is cancelled (the client went
+    away)."""
     try:
         yield folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
+        if answering is not None:
+            answering.discard(folder)
         raise
 
 
@@ -239,6 +242,8 @@ class LipSyncAPI:
             "lipsync_request_seconds", "request latency", boundaries=[1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("route",)
         )
         self.fps = Histogram("lipsync_frames_per_second", "output frames per second of a request", boundaries=[1, 2, 5, 10, 20, 40, 80, 160])
+        self.draining = False  # the service is stopping (`drain`)
+        self.answering: set[Path] = set()  # the folders of the sync requests not yet answered in full
 
     # --- probes -----------------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -287,9 +292,11 @@ class LipSyncAPI:
         fields or JSON) as listed by GET /v1/options. Returns the lip-synced mp4."""
         start = time.perf_counter()
         self._authorise(request)
+        self._admit()
         folder = self.work / uuid.uuid4().hex
         folder.mkdir()
-        with _removed_on_failure(folder):
+        self.answering.add(folder)
+        with _removed_on_failure(folder, self.answering):
             video, audio, params = await self.inputs(request, folder)
             out = folder / "out.mp4"
             frames = await self._run(video, audio, params, out, self.config.max_sync_seconds, None)
@@ -300,8 +307,26 @@ class LipSyncAPI:
         return FileResponse(
             out, media_type="video/mp4", filename="lipsync.mp4",
             headers={"X-Frames": str(frames), "X-Seconds": f"{seconds:.2f}"},
-            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+            background=BackgroundTask(self._answered, folder),
         )
+
+    def _answered(self, folder: Path) -> None:
+        """After the mp4 was sent."""
+        shutil.rmtree(folder, ignore_errors=True)
+        self.answering.discard(folder)
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise InputError(503, "", "the service is stopping, try again")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Before the service stops: new requests get 503 and the sync requests in flight get up to `timeout_s` to
+        be answered in full (async jobs in flight are lost with the replica). Returns how many were not."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.answering and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return len(self.answering)
 
     # --- async ------------------------------------------------------------------------------------------
     @api.post("/v1/jobs", status_code=202, openapi_extra=RequestInputs.openapi())
@@ -309,6 +334,7 @@ class LipSyncAPI:
     async def submit(self, request: Request):
         """Same inputs as /v1/lipsync, for clips up to `max_job_seconds`; returns {"id": ...} at once."""
         self._authorise(request)
+        self._admit()
         job = self.jobs.new()
         with _removed_on_failure(self.work / job.id) as folder:
             video, audio, params = await self.inputs(request, folder)

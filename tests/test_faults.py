@@ -78,10 +78,14 @@ def _wait(condition, timeout: float = 300, what: str = "") -> None:
 
 
 def _pids(name: str) -> list[int]:
-    """Ray worker processes whose title names `name` (Ray titles a worker `ray::<actor class>...`)."""
+    """This test cluster's worker processes (below its raylet, a child of this process) whose title names `name`:
+    Ray titles a worker `ray::<actor class or task>...`."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(p.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
         if cmdline.startswith("ray::") and name in cmdline:
             found.append(p.pid)
     return found
@@ -230,10 +234,11 @@ def test_a_killed_replica_answers_with_results_or_retryable_errors(ray_local, me
         assert first.status_code == 200, first.text
         (tmp_path / "first.mp4").write_bytes(first.content)
         expected = framemd5(tmp_path / "first.mp4")
+        job = _post(base, media, "/v1/jobs").json()["id"]  # its progress shows when chunks are being generated
         with ThreadPoolExecutor(3) as pool:
-            calls = [pool.submit(_post, base, media) for _ in range(3)]
-            job = _post(base, media, "/v1/jobs").json()["id"]  # its progress shows when chunks are being generated
+            calls = [pool.submit(_post, base, media) for _ in range(3)]  # their chunks queue behind the job's
             _wait(lambda: _job_generating(base, job), timeout=120, what="generation")
+            assert not any(c.done() for c in calls)
             (pid,) = _pids("GenerateDeployment")
             os.kill(pid, signal.SIGKILL)
             responses = [c.result() for c in calls]
@@ -263,10 +268,11 @@ def test_sigterm_to_serve_finishes_or_refuses_requests_in_flight(tmp_path, media
         _wait(lambda: any("lipsync-ray serving on" in line for line in lines) or proc.poll() is not None, timeout=240, what="serving")
         assert proc.poll() is None, "".join(lines)[-3000:]
         _wait(lambda: httpx.get(f"{base}/readyz", timeout=30).status_code == 200, timeout=120, what="ready")
+        job = _post(base, media, "/v1/jobs").json()["id"]  # its progress shows when chunks are being generated
         with ThreadPoolExecutor(1) as pool:
-            call = pool.submit(_post, base, media)
-            job = _post(base, media, "/v1/jobs").json()["id"]
+            call = pool.submit(_post, base, media)  # its chunks queue behind the job's
             _wait(lambda: _job_generating(base, job), timeout=120, what="generation")
+            assert not call.done()
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             response = call.result()
