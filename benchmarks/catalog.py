@@ -69,7 +69,7 @@ def main() -> None:
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
     print("| model | DeepCache | prefetch | GPUs | clips | frames | fps | steady fps per GPU | Generate alone fps (plain) | steady / alone "
-          "| first chunk on GPU s (actors ready: prepare / generate) | GPU busy (stage / NVML) | chunk queue wait s | GPU idle s "
+          "| first chunk on GPU s (Generate actor started / ready; first Prepare actor ready) | GPU busy (stage / NVML) | chunk queue wait s | GPU idle s "
           "| prepare / generate / compose busy s | actors (prepare, generate) | peak GPU GiB | peak host GiB |")
     print("|" + "---|" * 18, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +93,7 @@ def main() -> None:
                 print(
                     f"| {model} | {deepcache or 'off'} | {prefetch} | {gpus} | {clips} | {r['frames']} | {r['fps']:.1f} "
                     f"| {r['steady_fps']:.1f} | {_fmt(alone)} | {_fmt(alone and r['steady_fps'] / alone, '.0%')} "
-                    f"| {t['first_on_gpu']:.1f} ({t['prepare_ready_last']:.1f} / {t['generate_ready']:.1f}) "
+                    f"| {t['first_on_gpu']:.1f} ({t['generate_started']:.1f} / {t['generate_ready']:.1f}; {t['prepare_ready_first']:.1f}) "
                     f"| {t['gpu_stage_busy']:.0%} / {_fmt(r['busy'], '.0%')} | {t['queue_wait_median_s']:.1f} | {t['gpu_idle_s']:.1f} "
                     f"| {s['prepare']:.0f} / {s['generate']:.0f} / {s['compose']:.0f} | {r['actors']['prepare']}, {r['actors']['generate']} "
                     f"| {_fmt(r['gpu_gib'], '.2f')} | {r['host_gib']:.2f} |", flush=True,

@@ -252,6 +252,9 @@ def _timeline(chunks: list[dict], t0: float) -> dict[str, float]:
     busy = sum(c["generate_s"] for c in generated)
     waits = sorted(starts[id(c)] - c["prepared_at"] for c in generated)
     return {
+        "generate_started": max(c["generate_started_at"] for c in generated) - t0,  # the actor's process ran its constructor
+        "generate_setup_s": max(c["generate_ready_at"] - c["generate_started_at"] for c in generated),  # models, warm-up
+        "prepare_started_first": min(c["prepare_started_at"] for c in chunks) - t0,
         "prepare_ready_first": min(c["prepare_ready_at"] for c in chunks) - t0,
         "prepare_ready_last": max(c["prepare_ready_at"] for c in chunks) - t0,
         "generate_ready": max(c["generate_ready_at"] for c in generated) - t0,

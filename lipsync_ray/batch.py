@@ -79,6 +79,10 @@ class _Plans:
         return self._plans[key]
 
 
+# the Prepare pool's upper bound per GPU of the cluster when the job gives none: an unbounded pool grew over every
+# CPU of a GPU host while its chunks waited for the GPU (docs/performance.md)
+PREPARE_PER_GPU = 4
+
 NO_SPEAKER = [float("nan")] * 4  # a run row's `speaker` box when planning found none (it does for face="speaker")
 
 
@@ -107,6 +111,7 @@ class PrepareActor:
     a row per chunk as it is ready (so Generate starts on a run's first chunk)."""
 
     def __init__(self, job: BatchConfig, rows: dict[str, CatalogRow]):
+        self.started_at = time.time()
         lower_priority()  # Generate actors may share the node
         self.job, self.rows = job, rows
         self.inputs = storage.InputCache(self.job.inputs, self.job.storage_options)
@@ -131,8 +136,12 @@ class PrepareActor:
                 yield _batch(dict(record, chunk=chunk, **result, **self._times()))
 
     def _times(self) -> dict[str, Any]:
-        """A row's timeline columns (wall clock): when this actor was ready, when the row left it, and which it was."""
-        return {"prepare_ready_at": self.ready_at, "prepared_at": time.time(), "prepare_worker": self.worker}
+        """A row's timeline columns (wall clock): when this actor started and was ready, when the row left it, and
+        which actor it was."""
+        return {
+            "prepare_started_at": self.started_at, "prepare_ready_at": self.ready_at, "prepared_at": time.time(),
+            "prepare_worker": self.worker,
+        }
 
     def _prepare(self, row: CatalogRow, cfg: LipSyncConfig, chunk: int, speaker: np.ndarray) -> dict[str, Any]:
         payload, error, reused = b"", "", False
@@ -152,6 +161,7 @@ class GenerateActor:
     """Ray Data wrapper of Generate: latent diffusion per chunk; results are staged, small rows go on."""
 
     def __init__(self, job: BatchConfig, rows: dict[str, CatalogRow]):
+        self.started_at = time.time()
         self.job, self.rows = job, rows
         self.stage = set_up(Generate, self.job.pipeline)
         self.worker, self.ready_at = _worker(), time.time()
@@ -178,7 +188,7 @@ class GenerateActor:
                 except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
                     error = f"chunk {record['chunk']}: {type(err).__name__}: {err}"
             done = dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker, generated_at=generated_at)
-            for k, v in dict(done, generate_ready_at=self.ready_at).items():
+            for k, v in dict(done, generate_started_at=self.started_at, generate_ready_at=self.ready_at).items():
                 out[k].append(v)
         return out
 
@@ -418,10 +428,11 @@ def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray
     shared = {"job": job, "rows": {r.id: r for r in todo}}
     ds = ray.data.from_items([{"id": r.id} for r in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(plan_runs, fn_kwargs=shared, num_cpus=0.5)
+    low, high = job.prepare_actors
+    high = high or max(low, PREPARE_PER_GPU * max(1, int(ray.cluster_resources().get("GPU", 0))))
     ds = ds.map_batches(
         PrepareActor, fn_constructor_kwargs=shared, batch_size=1, **ray_resources(Prepare),
-        memory=job.prepare_memory_gb * 2**30,
-        compute=ActorPoolStrategy(min_size=job.prepare_actors[0], max_size=job.prepare_actors[1]),  # None: no cap
+        memory=job.prepare_memory_gb * 2**30, compute=ActorPoolStrategy(min_size=low, max_size=high),
     )
     prefetch = job.generate_prefetch
     ds = ds.map_batches(

@@ -154,7 +154,7 @@ class BatchConfig(BaseModel):
     )
     gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
     prepare_actors: tuple[int, int | None] = Field(
-        (2, None), description="CPU actor pool size: min,max (no max: it grows while the GPU stage waits for chunks, as far as the cluster's CPUs and memory go)"
+        (2, None), description="CPU actor pool size: min,max (no max: up to 4 per GPU the cluster has when the job starts, at least 4); it grows while it has runs queued"
     )
     generate_actors: tuple[int, int | None] = Field(
         (1, None), description="GPU actor pool size: min,max (no max: up to one per GPU the cluster has or its autoscaler adds; without GPUs, one)"
