@@ -59,7 +59,7 @@ def main() -> None:
     matrices = torch.as_tensor(item.matrices[:n], dtype=torch.float32)
     landmarks, masks = five_points(aligner, matrices), restoration_masks(aligner, matrices, *frames.shape[1:3])
 
-    print(f"| restorer | dtype | batch | frames {frames.shape[2]}x{frames.shape[1]} | restoration fps (align, restore, blend) "
+    print(f"| restorer | dtype | batch | frames ({frames.shape[2]}x{frames.shape[1]}) | restoration fps (align, restore, blend) "
           "| network alone, faces/s | fp16 vs fp32: max / mean levels in the masks |")
     print("|" + "---|" * 7, flush=True)
     outputs = {}
