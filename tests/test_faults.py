@@ -24,7 +24,7 @@ from .conftest import DATA, ffmpeg, free_port, serve_apps
 
 PIPELINE = dict(model="tiny-random", steps=1, detector="offline", windows_per_chunk=1)
 VIDEOS = ("one", "two")
-# the bulk job's options as `lipsync-ray batch` takes them (the same config as `_job`, so the same staged chunks)
+# the bulk job's options as `lipsync-ray batch` takes them: the config of `_job`, so the frames of its reference run
 CLI_OPTIONS = [
     "--model", "tiny-random", "--steps", "1", "--detector", "offline", "--windows-per-chunk", "1",
     "--prepare-actors", "1,1", "--generate-actors", "1,1", "--chunks-per-batch", "1", "--chunks-per-prepare", "2",
@@ -34,8 +34,8 @@ DUMPS = ("Fatal Python error", "Aborted", "Segmentation fault", "Traceback", "**
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    """Two 2 s clips of four chunks each; the second row takes three steps, so its chunks come after the first
-    video's and a job spends long enough in them to be caught mid-way."""
+    """Two 2 s clips of four chunks each; the second row takes three steps, so that a job spends a while on the
+    second video's chunks after the first video is written, and can be caught there."""
     d = tmp_path_factory.mktemp("fault_media")
     for src, name in (("demo1", "one"), ("demo2", "two")):
         ffmpeg("-i", str(DATA / f"{src}_video.mp4"), "-t", "2", "-vf", "scale=270:480", "-c:v", "libx264", "-an", str(d / f"{name}.mp4"))
