@@ -155,14 +155,15 @@ class FaceRestorer:
     def _blend(self, frame: np.ndarray, face: torch.Tensor, matrix: torch.Tensor, mask: np.ndarray, strength: float) -> None:
         """Warp the restored face (3, size, size) back into `frame` (in place), only where `mask` is non-zero."""
         h, w = frame.shape[:2]
-        rows, cols = np.nonzero(mask)
-        y0, y1, x0, x1 = _box(np.stack([cols, rows], 1), h, w)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # the mask's extent, without every pixel
+        y0, y1, x0, x1 = _box(np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]]), h, w)
         inv = kornia.geometry.transform.invert_affine_transform(matrix[None])
         inv[:, :, 2] -= torch.tensor([float(x0), float(y0)])
         with_coverage = torch.cat([(face + 1) * 127.5, torch.ones_like(face[:1])])[None]  # 4th channel: inside the face
         back = kornia.geometry.transform.warp_affine(with_coverage, inv.to(self.device), (y1 - y0, x1 - x0), mode="bilinear")
-        back = back[0].permute(1, 2, 0).cpu()
-        base = torch.from_numpy(frame[y0:y1, x0:x1]).float()
-        weight = torch.from_numpy(mask[y0:y1, x0:x1]).float()[..., None] / 255 * back[..., 3:] * strength
+        back = back[0].permute(1, 2, 0)
+        # blended where the face is (on the GPU when restoring there): only the uint8 result comes back
+        base = torch.from_numpy(frame[y0:y1, x0:x1]).to(self.device).float()
+        weight = torch.from_numpy(mask[y0:y1, x0:x1]).to(self.device).float()[..., None] / 255 * back[..., 3:] * strength
         blended = (base + weight * (back[..., :3] - base)).round().clamp(0, 255)
-        frame[y0:y1, x0:x1] = torch.where(weight > 0, blended, base).to(torch.uint8).numpy()
+        frame[y0:y1, x0:x1] = torch.where(weight > 0, blended, base).to(torch.uint8).cpu().numpy()
