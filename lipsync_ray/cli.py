@@ -323,6 +323,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API (POST /v1/lipsync, /v1/jobs; docs at /docs) until Ctrl-C or SIGTERM."""
     options = dict(locals())
+    import os
     import signal
     import threading
 
@@ -330,7 +331,7 @@ def serve(
     from ray import serve as ray_serve
 
     from .config import ServeConfig
-    from .serve import build_app
+    from .serve import PROXY_CALLBACK_ENV, build_app
 
     server = {k: options.pop(k) for k in ("host", "port", "gpu", "api_key", "address")}
     cfg = make_config(**options)
@@ -338,6 +339,7 @@ def serve(
         import torch
 
         server["gpu"] = torch.cuda.is_available()
+    os.environ.setdefault(*PROXY_CALLBACK_ENV)  # a Ray started here passes it on to Serve's proxy
     connect_ray(server["address"])
     config = ServeConfig(pipeline=cfg, gpu=server["gpu"], api_key=server["api_key"])
     ray_serve.start(http_options={"host": host, "port": port})

@@ -59,6 +59,60 @@ PAGE_HEADERS = {
 OUR_FOLDERS = re.compile(r"(?<!\S)/\S*/")  # where a request's files are kept (no spaces: they are ours), up to their names
 
 
+class LostRequestsAreRetryable:
+    """ASGI middleware for Serve's HTTP proxy. When the ingress replica that holds a request dies, or none is up
+    while Serve replaces it, the proxy returns no answer (its server then sends a bare 500) or a plain-text 503,
+    which a client cannot tell from a fault; this answers them with the service's JSON error, 503 with Retry-After
+    (the proxy's own, else the config's default). The app's own answers are JSON and pass unchanged."""
+
+    def __init__(self, app, retry_after_s: int = ServeConfig.model_fields["retry_after_s"].default):
+        self.app, self.retry_after_s = app, retry_after_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = replaced = False
+
+        async def answer(message):
+            nonlocal started, replaced
+            if message["type"] == "http.response.start":
+                started = True
+                headers = {k.lower(): v for k, v in message.get("headers") or []}
+                json = headers.get(b"content-type", b"").startswith(b"application/json")
+                if message["status"] in (500, 503) and not json:
+                    replaced = True
+                    return await self._retry(send, headers.get(b"retry-after"))
+            if not replaced:  # the proxy's own body of a replaced answer is dropped
+                await send(message)
+
+        try:
+            await self.app(scope, receive, answer)
+        except Exception:  # noqa: BLE001 - the proxy failed before answering (its server would send a bare 500)
+            if started:
+                raise
+            log.warning("the proxy failed a request before answering", exc_info=True)
+        if not started:  # the proxy gave up without an answer (a lost replica): its server would send a bare 500
+            await self._retry(send, None)
+
+    async def _retry(self, send, retry_after: bytes | None) -> None:
+        retry = retry_after.decode() if retry_after else str(self.retry_after_s)
+        response = _error(503, "", "temporarily unavailable, try again", {"Retry-After": retry})
+        await send({"type": "http.response.start", "status": 503, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def proxy_middlewares() -> list:
+    """Serve's HTTP proxy middlewares. Serve takes them only from the import path in the environment variable
+    `PROXY_CALLBACK_ENV` of the proxy's process: set on every node of a cluster (`cluster/`), and by
+    `lipsync-ray serve` before it starts a local Ray."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(LostRequestsAreRetryable)]
+
+
+PROXY_CALLBACK_ENV = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", f"{__name__}.{proxy_middlewares.__name__}")
+
+
 def _error(status: int, field_name: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"field": field_name, "message": message}}, status_code=status, headers=headers)
 

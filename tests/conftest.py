@@ -103,6 +103,9 @@ def ray_local(s3_endpoint):
     the cluster tests start clusters of their own)."""
     import ray
 
+    from lipsync_ray.serve import PROXY_CALLBACK_ENV
+
+    os.environ.setdefault(*PROXY_CALLBACK_ENV)  # Serve's proxy middleware, as the cluster configs set it
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()

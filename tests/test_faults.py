@@ -252,6 +252,34 @@ def test_a_killed_replica_answers_with_results_or_retryable_errors(ray_local, me
         assert again.status_code == 200
 
 
+@pytest.mark.slow  # a Serve app and five requests: over a minute on 2 cores
+def test_a_killed_ingress_answers_with_retryable_errors(ray_local, media, tmp_path):
+    """SIGKILL to the ingress replica itself while requests are in flight: Serve's proxy answers them, and its
+    middleware (`serve.LostRequestsAreRetryable`, named in the environment by the `ray_local` fixture as on clusters) makes that a 503 with Retry-After and the JSON error instead of
+    a bare 500; the service answers again once Serve has replaced the replica."""
+    config = {"pipeline": SERVE_PIPELINE, "gpu": False, "prepare_replicas": (1, 1), "generate_replicas": (1, 1), "retry_after_s": 2}
+    with serve_apps({"app": ("/", config)}) as base:
+        first = _post(base, media)
+        assert first.status_code == 200, first.text
+        (tmp_path / "first.mp4").write_bytes(first.content)
+        expected = framemd5(tmp_path / "first.mp4")
+        job = _post(base, media, "/v1/jobs").json()["id"]
+        with ThreadPoolExecutor(3) as pool:
+            calls = [pool.submit(_post, base, media) for _ in range(3)]
+            _wait(lambda: _job_generating(base, job), timeout=120, what="generation")
+            assert not any(c.done() for c in calls)
+            (pid,) = _pids("LipSyncAPI")
+            os.kill(pid, signal.SIGKILL)
+            responses = [c.result() for c in calls]
+        for response in responses:
+            _assert_result_or_retry(response, expected, tmp_path)
+        assert any(r.status_code == 503 for r in responses), [r.status_code for r in responses]
+        _wait(lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200, timeout=120, what="a new ingress")
+        again = _post(base, media)
+        _assert_result_or_retry(again, expected, tmp_path)
+        assert again.status_code == 200
+
+
 @pytest.mark.slow  # `lipsync-ray serve` on a Ray of its own: over a minute on 2 cores
 def test_sigterm_to_serve_finishes_or_refuses_requests_in_flight(tmp_path, media):
     """SIGTERM to `lipsync-ray serve` (what Kubernetes sends) while a request is being generated: it is answered
