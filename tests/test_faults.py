@@ -255,8 +255,9 @@ def test_a_killed_replica_answers_with_results_or_retryable_errors(ray_local, me
 @pytest.mark.slow  # a Serve app and five requests: over a minute on 2 cores
 def test_a_killed_ingress_answers_with_retryable_errors(ray_local, media, tmp_path):
     """SIGKILL to the ingress replica itself while requests are in flight: Serve's proxy answers them, and its
-    middleware (`serve.LostRequestsAreRetryable`, named in the environment by the `ray_local` fixture as on clusters) makes that a 503 with Retry-After and the JSON error instead of
-    a bare 500; the service answers again once Serve has replaced the replica."""
+    middleware (`serve.LostRequestsAreRetryable`, named in the environment by the `ray_local` fixture as on
+    clusters) makes that a 503 with Retry-After and the JSON error instead of a bare 500; the service answers
+    again once Serve has replaced the replica."""
     config = {"pipeline": SERVE_PIPELINE, "gpu": False, "prepare_replicas": (1, 1), "generate_replicas": (1, 1), "retry_after_s": 2}
     with serve_apps({"app": ("/", config)}) as base:
         first = _post(base, media)
