@@ -187,8 +187,11 @@ class GenerateActor:
                     _stage_chunk(item, _chunk_url(_stage_prefix(self.job, row, cfg), item.chunk.index), self.job)
                 except Exception as err:  # noqa: BLE001 - one video fails, the job goes on
                     error = f"chunk {record['chunk']}: {type(err).__name__}: {err}"
-            done = dict(record, error=error, faces=faces, generate_s=seconds, worker=self.worker, generated_at=generated_at)
-            for k, v in dict(done, generate_started_at=self.started_at, generate_ready_at=self.ready_at).items():
+            done = dict(
+                record, error=error, faces=faces, generate_s=seconds, worker=self.worker, generated_at=generated_at,
+                generate_started_at=self.started_at, generate_ready_at=self.ready_at,
+            )
+            for k, v in done.items():
                 out[k].append(v)
         return out
 

@@ -56,6 +56,7 @@ PAGE_HEADERS = {
 }
 
 
+UNAVAILABLE = "temporarily unavailable, try again"  # a lost replica's requests: the client retries
 OUR_FOLDERS = re.compile(r"(?<!\S)/\S*/")  # where a request's files are kept (no spaces: they are ours), up to their names
 
 
@@ -96,7 +97,7 @@ class LostRequestsAreRetryable:
 
     async def _retry(self, send, retry_after: bytes | None) -> None:
         retry = retry_after.decode() if retry_after else str(self.retry_after_s)
-        response = _error(503, "", "temporarily unavailable, try again", {"Retry-After": retry})
+        response = _error(503, "", UNAVAILABLE, {"Retry-After": retry})
         await send({"type": "http.response.start", "status": 503, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
@@ -126,7 +127,7 @@ def _input_error(err: Exception) -> InputError:
         status = 413 if isinstance(err, storage.InputTooLarge) else 408 if isinstance(err, storage.InputTimeout) else 422
         return InputError(status, err.field, err.message)
     if isinstance(err, RayActorError):  # a Prepare or Generate replica went away: it is replaced
-        return InputError(503, "", "temporarily unavailable, try again")
+        return InputError(503, "", UNAVAILABLE)
     cause = getattr(err, "cause", err)  # a stage's own exception, inside Ray's RayTaskError
     if isinstance(cause, MediaError):  # it names the input by its path: told by its name (video.mp4), not our folders
         log.warning("a stage could not decode an input: %s", cause)
