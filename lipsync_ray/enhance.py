@@ -130,40 +130,60 @@ class FaceRestorer:
         matrices = similarity(np.asarray(landmarks)[todo], self.template).to(torch.float32)
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
-            faces = torch.cat([self._face(frames[i], m) for i, m in zip(batch, matrices[start:])])
+            faces = self._faces(frames[batch], matrices[start : start + len(batch)])
             with torch.inference_mode():
                 restored = self.model(faces.to(self.dtype), return_rgb=False)[0].float().clamp(-1, 1)
-            for i, face, m in zip(batch, restored, matrices[start:]):
-                self._blend(out[i], face, m, masks[i], strength)
+            out[batch] = self._blend(frames[batch], restored, matrices[start : start + len(batch)], masks[batch], strength)
         return out
 
-    def _face(self, frame: np.ndarray, matrix: torch.Tensor) -> torch.Tensor:
-        """The face aligned to the template (1, 3, size, size) in [-1, 1], warped from the frame region it samples."""
-        h, w = frame.shape[:2]
+    def _faces(self, frames: np.ndarray, matrices: torch.Tensor) -> torch.Tensor:
+        """Faces aligned to the template (F, 3, size, size) in [-1, 1]: one warp of one region per frame, cut at a
+        common size around what each face samples (a small part of the frame), moved to the device together."""
+        h, w = frames.shape[1:3]
         corners = np.array([[0, 0], [self.size, 0], [0, self.size], [self.size, self.size]], np.float32)
-        inv = kornia.geometry.transform.invert_affine_transform(matrix[None])[0].numpy()
-        y0, y1, x0, x1 = _box(corners @ inv[:, :2].T + inv[:, 2], h, w)
-        local = matrix.clone()
-        local[:, 2] += matrix[:, :2] @ torch.tensor([float(x0), float(y0)])  # the region's offset, into the shift
-        region = torch.from_numpy(np.ascontiguousarray(frame[y0:y1, x0:x1])).to(self.device)
+        inv = kornia.geometry.transform.invert_affine_transform(matrices).numpy()
+        boxes = [_box(corners @ m[:, :2].T + m[:, 2], h, w) for m in inv]
+        origins, region = _regions(frames, boxes)
+        local = matrices.clone()
+        local[:, :, 2] += (matrices[:, :, :2] @ torch.tensor(origins, dtype=torch.float32)[..., None])[..., 0]
         face = kornia.geometry.transform.warp_affine(
-            region.permute(2, 0, 1)[None].float(), local[None].to(self.device), (self.size, self.size),
+            region.to(self.device).permute(0, 3, 1, 2).float(), local.to(self.device), (self.size, self.size),
             mode="bilinear", padding_mode="fill", fill_value=torch.tensor(FFHQ_FILL, device=self.device),
         )
         return face / 127.5 - 1
 
-    def _blend(self, frame: np.ndarray, face: torch.Tensor, matrix: torch.Tensor, mask: np.ndarray, strength: float) -> None:
-        """Warp the restored face (3, size, size) back into `frame` (in place), only where `mask` is non-zero."""
-        h, w = frame.shape[:2]
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # the mask's extent, without every pixel
-        y0, y1, x0, x1 = _box(np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]]), h, w)
-        inv = kornia.geometry.transform.invert_affine_transform(matrix[None])
-        inv[:, :, 2] -= torch.tensor([float(x0), float(y0)])
-        with_coverage = torch.cat([(face + 1) * 127.5, torch.ones_like(face[:1])])[None]  # 4th channel: inside the face
-        back = kornia.geometry.transform.warp_affine(with_coverage, inv.to(self.device), (y1 - y0, x1 - x0), mode="bilinear")
-        back = back[0].permute(1, 2, 0)
-        # blended where the face is (on the GPU when restoring there): only the uint8 result comes back
-        base = torch.from_numpy(frame[y0:y1, x0:x1]).to(self.device).float()
-        weight = torch.from_numpy(mask[y0:y1, x0:x1]).to(self.device).float()[..., None] / 255 * back[..., 3:] * strength
+    def _blend(self, frames: np.ndarray, faces: torch.Tensor, matrices: torch.Tensor, masks: np.ndarray,
+               strength: float) -> np.ndarray:
+        """Frames (F, H, W, 3) with the restored faces (F, 3, size, size) warped back and blended in, only where
+        their masks are non-zero. Blended on the faces' device, in one region per frame: only uint8 regions move."""
+        h, w = frames.shape[1:3]
+        boxes = []
+        for mask in masks:
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # the extent, without every pixel
+            boxes.append(_box(np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]]), h, w))
+        origins, base = _regions(frames, boxes)
+        _, weight = _regions(masks[..., None], boxes)
+        rh, rw = base.shape[1:3]
+        inv = kornia.geometry.transform.invert_affine_transform(matrices)
+        inv[:, :, 2] -= torch.tensor(origins, dtype=torch.float32)
+        with_coverage = torch.cat([(faces + 1) * 127.5, torch.ones_like(faces[:, :1])], 1)  # 4th: inside the face
+        back = kornia.geometry.transform.warp_affine(with_coverage, inv.to(faces.device), (rh, rw), mode="bilinear")
+        back = back.permute(0, 2, 3, 1)
+        base = base.to(faces.device).float()
+        weight = weight.to(faces.device).float() / 255 * back[..., 3:] * strength
         blended = (base + weight * (back[..., :3] - base)).round().clamp(0, 255)
-        frame[y0:y1, x0:x1] = torch.where(weight > 0, blended, base).to(torch.uint8).cpu().numpy()
+        blended = torch.where(weight > 0, blended, base).to(torch.uint8).cpu().numpy()
+        out = frames.copy()
+        for frame, (x, y), region in zip(out, origins, blended):
+            frame[y : y + rh, x : x + rw] = region
+        return out
+
+
+def _regions(images: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Each image's box (y0, y1, x0, x1) cut at the boxes' common size (grown down and right, or moved back where
+    the image ends): the cuts' top-left corners (x, y) and the cuts (N, rh, rw, C) in one tensor."""
+    h, w = images.shape[1:3]
+    rh, rw = max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes)
+    origins = [(min(x0, w - rw), min(y0, h - rh)) for y0, _, x0, _ in boxes]
+    cuts = np.stack([image[y : y + rh, x : x + rw] for image, (x, y) in zip(images, origins)])
+    return origins, torch.from_numpy(cuts)
