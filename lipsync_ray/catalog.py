@@ -8,7 +8,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,6 +38,8 @@ def read_catalog(
     ROW_PARAMETERS. Ids default to the video's file name and become safe object names (`storage.safe_name`);
     outputs default to `<output_prefix>/<id>.mp4`, and a row's own output must be an .mp4 below `output_prefix` or
     one of `output_prefixes`, outside hidden folders (the job's .staging)."""
+    import pandas as pd  # the driver reads catalogs; workers import this module for its row types
+
     options = {"storage_options": storage_options} if not storage.is_local(url) else {}
     ext = os.path.splitext(url.rstrip("/"))[1].lower()
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .models.presets import VAE_SCALING, Components, make_scheduler
-from .models.unet import UNet3DConditionModel
 from .plan import WINDOW, Window, chunks, window_weights
+
+if TYPE_CHECKING:
+    from .models.unet import UNet3DConditionModel
 
 VAE_FRAMES = 16
 

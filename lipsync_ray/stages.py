@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from .audio import EncodedWindows, chunk_features, mel_ceiling
 from .config import InputPolicy, LipSyncConfig
 from .diffusion import LipSyncDiffusion
 from .enhance import FaceRestorer, five_points, restoration_masks
-from .eval import SyncScorer
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import AudioTooLong, FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_audio, probe_video
@@ -37,6 +36,9 @@ from .models.syncnet import scorer_weights
 from .models.presets import audio_shape, checkpoints_root, load_components, load_whisper
 from .plan import FPS, Chunk, chunks, fade_out, fit_audio, output_frame_count, source_frame_map, video_frame_count
 from .storage import InputCache, InputTooLarge, check_video
+
+if TYPE_CHECKING:
+    from .eval import SyncScorer
 
 
 ALIGN_GROUP = 8  # frames decoded, detected and aligned together by Prepare
@@ -150,6 +152,8 @@ def _nearest(faces: list[Face], box: np.ndarray) -> Face:
 @functools.lru_cache(maxsize=2)
 def sync_scorer(model: str, checkpoints: str | None, detector: str, device: str) -> SyncScorer:
     """A lip-sync scorer set up once per process: face="speaker" and the bulk job's --score use it per video."""
+    from .eval import SyncScorer  # scipy's signal processing, only where scoring runs
+
     scorer = SyncScorer(model, checkpoints, detector, device)
     scorer.setup()
     return scorer

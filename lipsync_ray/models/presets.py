@@ -13,18 +13,20 @@ import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from whisper.model import ModelDimensions
 
 from ..audio import WhisperFeatureEncoder
 from ..audio.whisper_features import tokens_per_frame
 from .checkpoint import checkpoints_root
-from .unet import UNet3DConditionModel
-from .vae import fuse_vae
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from .unet import UNet3DConditionModel
 
 VAE_SCALING = 0.18215
 VAE_SHIFT = 0.0
@@ -110,6 +112,8 @@ class Components:
     vae: AutoencoderKL
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Components":
+        from .vae import fuse_vae
+
         for model in (self.unet, self.vae):
             model.to(device)
             if next(model.parameters()).dtype != dtype:  # diffusers warns on every cast, even a no-op one
@@ -121,6 +125,8 @@ class Components:
 
 def make_scheduler(kind: str = "ddim"):
     """DDIM exactly as upstream, or DPM-Solver++ (multistep, 2nd order) from the same betas: fewer steps."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
     cfg = json.loads(config_path("scheduler_config.json").read_text())
     if kind == "ddim":
         return DDIMScheduler.from_config(cfg)
@@ -154,6 +160,10 @@ def build_random_components(preset: ModelPreset, seed: int = 0, device: str | to
 
     The U-Net and VAE are initialised on `device`: on a GPU in milliseconds, where a 1-CPU worker takes most
     of a minute for the real sizes (the weights then differ from a CPU build's, seeded all the same)."""
+    from diffusers import AutoencoderKL
+
+    from .unet import UNet3DConditionModel
+
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
@@ -175,6 +185,10 @@ def load_whisper(model: str | ModelPreset, root: str | Path | None = None) -> Wh
 
 def load_components(model: str | ModelPreset, root: str | Path | None = None, device: str = "cpu") -> Components:
     """Load a preset's published weights from the checkpoints root (strict), or build random ones on `device`."""
+    from diffusers import AutoencoderKL
+
+    from .unet import UNet3DConditionModel
+
     preset = model if isinstance(model, ModelPreset) else get_preset(model)
     if preset.random_weights:
         return build_random_components(preset, device=device)
