@@ -60,14 +60,19 @@ def regenerated_region(resolution: int) -> torch.Tensor:
     return kornia.filters.gaussian_blur2d(region, (2 * feather + 1, 2 * feather + 1), (sigma, sigma))[0, 0]
 
 
+def restoration_weights(aligner: FaceAligner) -> torch.Tensor:
+    """The regenerated region at the aligner's crop size (face_h, face_w): the `weights` of `FaceAligner.restore`
+    that make its masks the restoration masks."""
+    region = regenerated_region(aligner.resolution)
+    return F.interpolate(region[None, None], size=(aligner.face_h, aligner.face_w), mode="bilinear", align_corners=False)[0, 0]
+
+
 def restoration_masks(aligner: FaceAligner, matrices: torch.Tensor, height: int, width: int) -> np.ndarray:
     """Per frame, where and how much restoration may change the pasted frame (F, height, width) uint8 0..255:
-    paste-back's own soft mask (FaceAligner.restore, applied to blank frames) times the regenerated region."""
-    region = regenerated_region(aligner.resolution)
-    face = F.interpolate(region[None, None], size=(aligner.face_h, aligner.face_w), mode="bilinear", align_corners=False)
-    faces = (face * 2 - 1).expand(len(matrices), 3, -1, -1)
+    paste-back's own soft mask times the regenerated region. Compose gets them from its paste-back pass itself."""
     blank = np.zeros((len(matrices), height, width, 3), np.uint8)
-    return aligner.restore(blank, faces, torch.as_tensor(matrices))[..., 0].numpy()
+    faces = torch.zeros(len(matrices), 3, aligner.face_h, aligner.face_w)
+    return aligner.restore(blank, faces, torch.as_tensor(matrices), restoration_weights(aligner))[1]
 
 
 def similarity(points: np.ndarray, template: np.ndarray) -> torch.Tensor:

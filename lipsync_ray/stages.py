@@ -27,7 +27,7 @@ from .ahead import ahead
 from .audio import EncodedWindows, chunk_features, mel_ceiling
 from .config import InputPolicy, LipSyncConfig
 from .diffusion import LipSyncDiffusion
-from .enhance import FaceRestorer, five_points, restoration_masks
+from .enhance import FaceRestorer, five_points, restoration_weights
 from .faces import FaceAligner, make_detector
 from .faces.detect import Face, FaceDetector
 from .media import AudioTooLong, FrameReader, MediaError, VideoInfo, VideoWriter, load_audio, probe_audio, probe_video
@@ -446,11 +446,12 @@ class Compose:
         if with_face:
             crops = torch.from_numpy(np.stack([group[i][1] for i in with_face])).permute(0, 3, 1, 2).float() / 127.5 - 1
             matrices = torch.from_numpy(np.stack([group[i][3] for i in with_face]))
-            pasted = self.aligner.restore(
-                np.stack([frames[i] for i in with_face]), self.aligner.from_model_size(crops), matrices
-            ).numpy()
-            if restoration is not None:
-                pasted = restoration(pasted, matrices)
+            faces, sources = self.aligner.from_model_size(crops), np.stack([frames[i] for i in with_face])
+            if restoration is None:
+                pasted = self.aligner.restore(sources, faces, matrices).numpy()
+            else:  # the restoration masks from the same paste-back pass
+                pasted, masks = self.aligner.restore(sources, faces, matrices, restoration.weights)
+                pasted = restoration(pasted.numpy(), matrices, masks)
             for i, frame in zip(with_face, pasted):
                 frames[i] = frame
         return frames
@@ -475,16 +476,19 @@ class _Restoration:
     strength: float
     seconds: float = 0.0
 
+    def __post_init__(self):
+        self.weights = restoration_weights(self.aligner)  # for the paste-back that makes the masks
+
     @classmethod
     def of(cls, cfg: LipSyncConfig, aligner: FaceAligner, device: str) -> _Restoration | None:
         if cfg.enhance == "none":
             return None
         return cls(face_restorer(cfg.enhance, cfg.checkpoints, device), aligner, cfg.enhance_strength)
 
-    def __call__(self, frames: np.ndarray, matrices: torch.Tensor) -> np.ndarray:
-        """Pasted frames (F, H, W, 3) uint8 whose faces `matrices` (F, 2, 3) aligned, restored."""
+    def __call__(self, frames: np.ndarray, matrices: torch.Tensor, masks: np.ndarray) -> np.ndarray:
+        """Pasted frames (F, H, W, 3) uint8 whose faces `matrices` (F, 2, 3) aligned, restored inside their
+        restoration masks (F, H, W) uint8 (`FaceAligner.restore` with `weights`)."""
         start = time.perf_counter()
-        masks = restoration_masks(self.aligner, matrices, *frames.shape[1:3])
         restored = self.restorer(frames, five_points(self.aligner, matrices), masks, self.strength)
         self.seconds += time.perf_counter() - start
         return restored

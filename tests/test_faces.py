@@ -70,6 +70,21 @@ def test_restoring_frames_together_equals_one_at_a_time(contract):
     assert min(changed[:3]) > 20000 and 5000 < changed[3] < 0.7 * changed[0]
 
 
+def test_weights_pasted_in_the_same_pass_leave_the_frames_as_they_were(contract):
+    """`restore(..., weights)`: the same frames as without, and the weights as pasting them as the face (on its
+    three channels) into blank frames leaves them, bit for bit (restoration's masks come from this pass)."""
+    frames = torch.stack(contract["frames"]).numpy()
+    aligner = FaceAligner(256)
+    m, _ = aligner.estimate(torch.stack(contract["landmarks3"]).numpy())
+    faces = torch.rand(2, 3, aligner.face_h, aligner.face_w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    weights = torch.rand(aligner.face_h, aligner.face_w, generator=torch.Generator().manual_seed(1))
+    pasted, masks = aligner.restore(frames, faces, m, weights)
+    assert torch.equal(pasted, aligner.restore(frames, faces, m))
+    as_faces = (weights * 2 - 1).expand(2, 3, -1, -1)
+    assert np.array_equal(masks, aligner.restore(np.zeros_like(frames), as_faces, m)[..., 0].numpy())
+    assert masks.max() > 200 and (masks > 0).mean() < 0.2
+
+
 def test_warp_reads_only_the_crop_region_and_fills_outside_the_frame(contract):
     """The warp converts only the region each crop samples; a face half out of the frame still gets the fill
     colour where a whole-frame warp would, and the same pixels elsewhere."""

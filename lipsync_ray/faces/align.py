@@ -131,17 +131,24 @@ class FaceAligner:
         """(F, 3, res, res) faces in [-1, 1] -> (F, 3, face_h, face_w): bicubic with antialias, unclamped."""
         return F.interpolate(faces, size=(self.face_h, self.face_w), mode="bicubic", antialias=True, align_corners=False)
 
-    def restore(self, frames: np.ndarray | torch.Tensor, faces: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    def restore(
+        self, frames: np.ndarray | torch.Tensor, faces: torch.Tensor, matrices: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
         """Paste faces (F, 3, face_h, face_w) in [-1, 1] back into frames (F, H, W, 3) uint8 -> uint8.
 
         Only the region around each face is processed: outside it the mask is zero and the frame is kept, so the
         result equals a full-frame restore at a fraction of the cost. The F regions are cut at one common size,
         each still covering its own face, and pasted in one batch: on a GPU that is a few dozen kernels and two
         waits for the whole batch instead of for every frame.
+
+        With `weights` (face_h, face_w) in 0..1, a map over the crop, also returns what pasting them as the face
+        would leave in blank frames (F, H, W) uint8 0..255: the weights as paste-back blends them in, from the
+        same pass.
         """
         out = torch.as_tensor(np.asarray(frames)).clone()
         if out.shape[0] == 0:
-            return out
+            return out if weights is None else (out, np.zeros(out.shape[:3], np.uint8))
         h, w = out.shape[1:3]
         inv = kornia.geometry.transform.invert_affine_transform(matrices.to(torch.float32).cpu())
         regions = [self._face_region(m, h, w) for m in inv]
@@ -151,10 +158,17 @@ class FaceAligner:
         local[:, 1, 2] -= torch.tensor([float(y) for y, _ in corners])
         local[:, 0, 2] -= torch.tensor([float(x) for _, x in corners])
         cut = torch.stack([frame[y : y + rh, x : x + rw] for frame, (y, x) in zip(out, corners)])
+        if weights is not None:  # a fourth face channel, in the faces' range
+            faces = torch.cat([faces, (weights * 2 - 1).to(faces).expand(len(faces), 1, -1, -1)], 1)
         pasted = self._restore_region(cut, faces, local)
         for frame, (y, x), region in zip(out, corners, pasted):
-            frame[y : y + rh, x : x + rw] = region
-        return out
+            frame[y : y + rh, x : x + rw] = region[..., :3]
+        if weights is None:
+            return out
+        masks = np.zeros(out.shape[:3], np.uint8)
+        for mask, (y, x), region in zip(masks, corners, pasted.numpy()):
+            mask[y : y + rh, x : x + rw] = region[..., 3]
+        return out, masks
 
     def _face_region(self, inv: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
         """Frame rows and columns that the pasted face (with its blur margin) can touch."""
@@ -173,7 +187,7 @@ class FaceAligner:
         img = self._frames(frames)
         h, w = img.shape[-2:]
         inv = inv.to(self.device, self.dtype)
-        fill = torch.full((3,), FILL, device=self.device, dtype=self.dtype)
+        fill = torch.full((faces.shape[1],), FILL, device=self.device, dtype=self.dtype)
         face = kornia.geometry.transform.warp_affine(
             faces.to(self.device, self.dtype), inv, (h, w), mode="bilinear", padding_mode="fill", fill_value=fill
         )
@@ -181,7 +195,9 @@ class FaceAligner:
         ones = torch.ones(len(inv), 1, self.face_h, self.face_w, device=self.device, dtype=self.dtype)
         mask = erode(kornia.geometry.transform.warp_affine(ones, inv, (h, w), padding_mode="zeros"), 2)
         soft = soft_edge(mask)  # kernel sizes depend on each face's area
-        out = soft * (mask * face) + (1 - soft) * img
+        out = soft * (mask * face[:, :3]) + (1 - soft) * img
+        if face.shape[1] > 3:  # `restore`'s weights: blended as the face is, into blank frames
+            out = torch.cat([out, soft * (mask * face[:, 3:])], 1)
         return out.permute(0, 2, 3, 1).to(torch.uint8).cpu()
 
 
