@@ -7,7 +7,8 @@ how long chunks queued between Prepare and Generate and the GPU's idle seconds b
 seconds summed over its workers, actor counts, and peak GPU and host memory.
 
     python benchmarks/catalog.py --video demo1_video.mp4 --audio demo1_audio.wav --clips 24 --gpus 1 \\
-        [--models latentsync-1.5-random latentsync-1.6-random] [--deepcache 0 3] [--lengths 10 30 60 120] [--prefetch 1 2]
+        [--models latentsync-1.5-random latentsync-1.6-random] [--deepcache 0 3] [--lengths 10 30 60 120] [--prefetch 1 2] \\
+        [--windows-per-chunk 4 8]
 
 Clips cycle through `--lengths` seconds (the source looped, no re-encode) and alternate between the source's size
 and 720p (re-encoded once, then looped). Multi-GPU: `--gpus 1 2 4` runs the same catalog on each (strong scaling);
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPUs of this host for the job (0: CPU only)")
     parser.add_argument("--models", nargs="+", default=["latentsync-1.5-random"])
     parser.add_argument("--deepcache", type=int, nargs="+", default=[0, 3])
-    parser.add_argument("--windows-per-chunk", type=int, default=4)
+    parser.add_argument("--windows-per-chunk", type=int, nargs="+", default=[None], help="in turn (default: the job's)")
     parser.add_argument("--overlap", type=int, default=0, help="frames shared by neighbouring windows (upstream: 0)")
     parser.add_argument("--prepare-per-gpu", type=int, default=None, help="a fixed Prepare pool per GPU (default: the job's, which grows with demand)")
     parser.add_argument("--prefetch", type=int, nargs="+", default=[1], help="the job's --generate-prefetch, in turn")
@@ -68,19 +69,18 @@ def main() -> None:
     import torch
 
     print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", f"torch {torch.__version__}", flush=True)
-    print("| model | DeepCache | prefetch | GPUs | clips | frames | fps | steady fps per GPU | Generate alone fps (plain) | steady / alone "
+    print("| model | DeepCache | windows/chunk | prefetch | GPUs | clips | frames | fps | steady fps per GPU | Generate alone fps (plain) | steady / alone "
           "| first chunk on GPU s (Generate actor started / ready; first Prepare actor ready) | GPU busy (stage / NVML) | chunk queue wait s | GPU idle s "
           "| prepare / generate / compose busy s | actors (prepare, generate) | peak GPU GiB | peak host GiB |")
-    print("|" + "---|" * 18, flush=True)
+    print("|" + "---|" * 19, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         catalogs: dict[int, Path] = {}
         for model, deepcache in itertools.product(args.models, args.deepcache):
-            cfg = LipSyncConfig(
-                model=model, deepcache=deepcache, window_overlap=args.overlap, windows_per_chunk=args.windows_per_chunk,
-            )
-            alone = None
-            for gpus, prefetch in itertools.product(args.gpus, args.prefetch):
+            alone = None  # Generate alone: once per model and DeepCache (the chunk size does not change it)
+            for per_chunk, gpus, prefetch in itertools.product(args.windows_per_chunk, args.gpus, args.prefetch):
+                chunking = {"windows_per_chunk": per_chunk} if per_chunk else {}
+                cfg = LipSyncConfig(model=model, deepcache=deepcache, window_overlap=args.overlap, **chunking)
                 clips = args.clips_per_gpu * max(gpus, 1) if args.clips_per_gpu else args.clips
                 if clips not in catalogs:
                     (out / str(clips)).mkdir()
@@ -91,7 +91,7 @@ def main() -> None:
                 r = catalog_job(cfg, catalogs[clips], out, gpus, args.prepare_per_gpu, generate_prefetch=prefetch)
                 s, t = r["stage_s"], r["timeline"]
                 print(
-                    f"| {model} | {deepcache or 'off'} | {prefetch} | {gpus} | {clips} | {r['frames']} | {r['fps']:.1f} "
+                    f"| {model} | {deepcache or 'off'} | {cfg.windows_per_chunk} | {prefetch} | {gpus} | {clips} | {r['frames']} | {r['fps']:.1f} "
                     f"| {r['steady_fps']:.1f} | {_fmt(alone)} | {_fmt(alone and r['steady_fps'] / alone, '.0%')} "
                     f"| {t['first_on_gpu']:.1f} ({t['generate_started']:.1f} / {t['generate_ready']:.1f}; {t['prepare_ready_first']:.1f}) "
                     f"| {t['gpu_stage_busy']:.0%} / {_fmt(r['busy'], '.0%')} | {t['queue_wait_median_s']:.1f} | {t['gpu_idle_s']:.1f} "

@@ -203,6 +203,7 @@ def catalog_job(
     # fewer (a small CPU host) hang the job
     cpus = max(os.cpu_count() or 1, ((prepare_per_gpu or 2) + 1) * max(gpus, 1) + 2)
     ray.init(address="local", num_gpus=gpus, num_cpus=cpus, include_dashboard=False)
+    time.sleep(5)  # the instance settles (its own processes start) before the job's clock starts, as on a cluster
     pools = {} if prepare_per_gpu is None else {"prepare_actors": (prepare_per_gpu * max(gpus, 1),) * 2}
     job = BatchConfig(
         # a fresh output prefix: the job skips videos already finished under its output
