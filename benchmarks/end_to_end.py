@@ -208,7 +208,7 @@ def catalog_job(
     job = BatchConfig(
         # a fresh output prefix: the job skips videos already finished under its output
         catalog=str(catalog), output=tempfile.mkdtemp(prefix=f"ray-{gpus}-", dir=out), pipeline=cfg, gpu=gpus > 0,
-        generate_actors=(max(gpus, 1),) * 2, **pools, **job_options,
+        **pools, **job_options,  # the GPU pool as users get it: it grows to the GPUs
     )
     chunks: list[dict] = []
     try:

@@ -438,12 +438,17 @@ def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray
         memory=job.prepare_memory_gb * 2**30, compute=ActorPoolStrategy(min_size=low, max_size=high),
     )
     prefetch = job.generate_prefetch
+    low, high = job.generate_actors[0], job.generate_actors[1] or (None if gpu else 1)
+    # Ray Data grows a pool only while its calls in flight are 1.75x those its actors can run at once
+    # (`actor_pool_util_upscaling_threshold`): an actor of a pool that may grow holds as many calls again queued
+    # (Ray Data's default; with none queued the GPU pool never grew), one of a fixed pool none (a finer split of the
+    # job's last chunks)
+    in_flight = prefetch if high == low else 2 * prefetch
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs=shared, batch_size=job.chunks_per_batch,
         # the calls at an actor run in threads; its lock lets one at a time into the stage
         compute=ActorPoolStrategy(
-            min_size=job.generate_actors[0], max_size=job.generate_actors[1] or (None if gpu else 1),
-            max_tasks_in_flight_per_actor=prefetch,
+            min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
         **ray_resources(Generate, gpu, restoring),

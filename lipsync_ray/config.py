@@ -166,7 +166,7 @@ class BatchConfig(BaseModel):
         1, ge=1, description="consecutive chunks of a video one Prepare call takes in order (fewer: more actors on one video, but more seeking and audio encoding)"
     )
     generate_prefetch: int = Field(
-        1, ge=1, description="Generate calls at each GPU actor at once, one on the GPU (more: the others' unpickling and staging overlap its GPU work; fewer: a finer split of the job's last chunks over the GPUs)"
+        1, ge=1, description="Generate calls at each GPU actor at once, one on the GPU (more: the others' unpickling and staging overlap its GPU work; fewer: a finer split of the job's last chunks over the GPUs); a pool that may grow queues as many again at each actor, which is what makes Ray Data grow it"
     )
     prepare_memory_gb: float = Field(3.0, gt=0, description="memory each Prepare actor declares")
     score: bool = Field(

@@ -151,13 +151,23 @@ def _gpu_nodes(gcs: str) -> list:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_workers_scale_up_for_the_job_and_down_after(fake_cluster, tmp_path, monkeypatch):
+    """The job's default GPU pool (min 1, no max) grows while chunks queue for the GPU stage: Ray Data asks the
+    cluster for another GPU and adds a Generate actor, Ray's autoscaler a GPU node for it; once the job is done the
+    idle GPU nodes go. About 2 minutes on 2 cores."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from lipsync_ray.catalog import read_manifest
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     gcs, dashboard = fake_cluster
-    ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-t", "1.2", "-vf", "scale=270:480", "-c:v", "libx264", "-an", str(tmp_path / "v.mp4"))
-    ffmpeg("-i", str(DATA / "demo1_audio.wav"), "-t", "1.2", str(tmp_path / "a.wav"))
-    (tmp_path / "catalog.jsonl").write_text(json.dumps({"id": "clip", "video": str(tmp_path / "v.mp4"), "audio": str(tmp_path / "a.wav")}) + "\n")
+    # 8 clips of 2 s, 4 chunks each (a 16-frame window a chunk), 10 steps: the one GPU actor has chunks queued for
+    # longer than Ray Data takes to ask for a second GPU, see it reserved and start an actor there (30-55 s after the
+    # job's dataset starts here: Ray Data asks every 10 s, and its coordinator sees new nodes every 20 s)
+    clips = 8
+    ffmpeg("-i", str(DATA / "demo1_video.mp4"), "-t", "2", "-vf", "scale=270:480", "-c:v", "libx264", "-an", str(tmp_path / "v.mp4"))
+    ffmpeg("-i", str(DATA / "demo1_audio.wav"), "-t", "2", str(tmp_path / "a.wav"))
+    rows = [{"id": f"clip{i}", "video": str(tmp_path / "v.mp4"), "audio": str(tmp_path / "a.wav")} for i in range(clips)]
+    (tmp_path / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _gpu_nodes(gcs) == []
     client = None
     for _ in range(60):
@@ -166,9 +176,9 @@ def test_gpu_workers_scale_up_for_the_job_and_down_after(fake_cluster, tmp_path,
             break
         except Exception:  # noqa: BLE001 - the dashboard is still starting
             time.sleep(1)
-    entrypoint = (
+    entrypoint = (  # the default GPU pool (--generate-actors 1,); one Prepare actor leaves a head CPU to plan and compose
         f"python jobs/batch.py --catalog {tmp_path / 'catalog.jsonl'} --output {tmp_path / 'out'} --model tiny-random "
-        "--steps 1 --detector offline --gpu --prepare-actors 1,1 --generate-actors 1,1"
+        "--steps 10 --windows-per-chunk 1 --detector offline --gpu --prepare-actors 1,1"
     )
     for _ in range(60):  # the job agent registers a little after the dashboard answers
         try:
@@ -177,18 +187,24 @@ def test_gpu_workers_scale_up_for_the_job_and_down_after(fake_cluster, tmp_path,
         except RuntimeError as err:
             assert "No available agent" in str(err)
             time.sleep(1)
-    launched = set()
-    deadline = time.time() + 600
-    while time.time() < deadline and not client.get_job_status(job).is_terminal():
-        launched |= {n.node_id for n in _gpu_nodes(gcs)}
+    seen = [(0.0, set())]  # the GPU nodes while the job runs: (seconds since submission, node ids) as they change
+    start = time.time()
+    while time.time() < start + 600 and not client.get_job_status(job).is_terminal():
+        nodes = {n.node_id[-8:] for n in _gpu_nodes(gcs)}
+        if nodes != seen[-1][1]:
+            seen.append((round(time.time() - start, 1), nodes))
         time.sleep(0.5)
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert launched, "no GPU worker was launched"
-    assert "1 videos: 1 ok" in logs
+    assert f"{clips} videos: {clips} ok" in logs
     from lipsync_ray.media import probe_video
 
-    assert probe_video(tmp_path / "out" / "clip.mp4").frames == 30
+    assert all(probe_video(tmp_path / "out" / f"clip{i}.mp4").frames == 50 for i in range(clips))
+    assert any(len(nodes) == 2 for _, nodes in seen), f"never two GPU workers at once: {seen}"
+    manifest = read_manifest(str(tmp_path / "out" / "manifest.parquet"))
+    assert list(manifest.status) == ["ok"] * clips
+    workers = set().union(*manifest.workers)
+    assert len(workers) >= 2, f"one Generate actor ran every chunk: {workers}; GPU nodes {seen}"
     for _ in range(120):  # idle_timeout_minutes 0.1
         if not _gpu_nodes(gcs):
             break
