@@ -422,6 +422,29 @@ def _check_weights(job: BatchConfig, rows: list[CatalogRow]) -> None:
         check_weights(cfg, scoring=job.score)
 
 
+@dataclass(frozen=True)
+class Pools:
+    """The actor pools' bounds (min, max; max None: no bound) and the calls in flight at each Generate actor."""
+
+    prepare: tuple[int, int]
+    generate: tuple[int, int | None]
+    generate_in_flight: int
+
+    @classmethod
+    def of(cls, job: BatchConfig, cluster_gpus: int, gpu: bool) -> Pools:
+        """From the job's options and the GPUs the cluster has when the job starts. The Prepare pool's default
+        bound follows the GPUs the GPU pool may reach: those the cluster has, or more where `generate_actors`
+        allows them. Ray Data grows a pool only while its calls in flight are 1.75x those its actors can run at
+        once (`actor_pool_util_upscaling_threshold`): an actor of a GPU pool that may grow holds as many calls
+        again queued (Ray Data's default; with none queued the pool never grew), one of a fixed pool none (a finer
+        split of the job's last chunks)."""
+        generate = job.generate_actors[0], job.generate_actors[1] or (None if gpu else 1)
+        low, high = job.prepare_actors
+        gpus = max(1, cluster_gpus, (generate[1] or 0) if gpu else 0)
+        prefetch = job.generate_prefetch
+        return cls((low, high or max(low, PREPARE_PER_GPU * gpus)), generate, prefetch if generate[0] == generate[1] else 2 * prefetch)
+
+
 def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray) -> None:
     """Ray Data rows carry a video's id; every stage gets the job and the catalog rows once, as objects."""
     from ray.data import ActorPoolStrategy
@@ -431,24 +454,17 @@ def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray
     shared = {"job": job, "rows": {r.id: r for r in todo}}
     ds = ray.data.from_items([{"id": r.id} for r in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(plan_runs, fn_kwargs=shared, num_cpus=0.5)
-    low, high = job.prepare_actors
-    high = high or max(low, PREPARE_PER_GPU * max(1, int(ray.cluster_resources().get("GPU", 0))))
+    pools = Pools.of(job, int(ray.cluster_resources().get("GPU", 0)), gpu)
     ds = ds.map_batches(
         PrepareActor, fn_constructor_kwargs=shared, batch_size=1, **ray_resources(Prepare),
-        memory=job.prepare_memory_gb * 2**30, compute=ActorPoolStrategy(min_size=low, max_size=high),
+        memory=job.prepare_memory_gb * 2**30, compute=ActorPoolStrategy(min_size=pools.prepare[0], max_size=pools.prepare[1]),
     )
     prefetch = job.generate_prefetch
-    low, high = job.generate_actors[0], job.generate_actors[1] or (None if gpu else 1)
-    # Ray Data grows a pool only while its calls in flight are 1.75x those its actors can run at once
-    # (`actor_pool_util_upscaling_threshold`): an actor of a pool that may grow holds as many calls again queued
-    # (Ray Data's default; with none queued the GPU pool never grew), one of a fixed pool none (a finer split of the
-    # job's last chunks)
-    in_flight = prefetch if high == low else 2 * prefetch
     ds = ds.map_batches(
         GenerateActor, fn_constructor_kwargs=shared, batch_size=job.chunks_per_batch,
         # the calls at an actor run in threads; its lock lets one at a time into the stage
         compute=ActorPoolStrategy(
-            min_size=low, max_size=high, max_tasks_in_flight_per_actor=in_flight,
+            min_size=pools.generate[0], max_size=pools.generate[1], max_tasks_in_flight_per_actor=pools.generate_in_flight,
             max_concurrent_calls_per_actor=prefetch, enable_true_multi_threading=prefetch > 1,
         ),
         **ray_resources(Generate, gpu, restoring),

@@ -154,7 +154,7 @@ class BatchConfig(BaseModel):
     )
     gpu: bool | None = Field(None, description="Generate actors take one GPU each; None: when the cluster has GPUs")
     prepare_actors: tuple[int, int | None] = Field(
-        (2, None), description="CPU actor pool size: min,max (no max: up to 4 per GPU the cluster has when the job starts, at least 4); it grows while it has runs queued"
+        (2, None), description="CPU actor pool size: min,max (no max: up to 4 per GPU the GPU pool may reach, those the cluster has when the job starts or --generate-actors' max; at least 4); it grows while it has runs queued"
     )
     generate_actors: tuple[int, int | None] = Field(
         (1, None), description="GPU actor pool size: min,max (no max: up to one per GPU the cluster has or its autoscaler adds; without GPUs, one)"

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from lipsync_ray.batch import BatchConfig, run_batch
+from lipsync_ray.batch import BatchConfig, Pools, run_batch
 from lipsync_ray.catalog import read_manifest
 from lipsync_ray.cli import app
 from lipsync_ray.config import LipSyncConfig
@@ -66,6 +66,21 @@ def _download(url, tmp_path):
     local = tmp_path / url.rsplit("/", 1)[1]
     fsspec.filesystem("s3").get_file(url.removeprefix("s3://"), str(local))
     return local
+
+
+@pytest.mark.parametrize(
+    "pools, cluster_gpus, gpu, expected",
+    [
+        ({}, 1, True, Pools((2, 4), (1, None), 2)),  # the defaults on one GPU: the GPU pool may grow, so it queues
+        ({}, 4, True, Pools((2, 16), (1, None), 2)),  # Prepare follows the cluster's GPUs
+        ({"generate_actors": (1, 8)}, 0, True, Pools((2, 32), (1, 8), 2)),  # ... or those the GPU pool may reach
+        ({}, 0, False, Pools((2, 4), (1, 1), 1)),  # no GPUs: one Generate actor, a fixed pool, nothing queued
+        ({"prepare_actors": (3, 5), "generate_actors": (2, 2), "generate_prefetch": 2}, 8, True, Pools((3, 5), (2, 2), 2)),
+    ],
+)
+def test_pool_bounds(pools, cluster_gpus, gpu, expected, tmp_path):
+    job = BatchConfig(catalog=str(tmp_path / "c.jsonl"), output=str(tmp_path), **pools)
+    assert Pools.of(job, cluster_gpus, gpu) == expected
 
 
 def test_outputs_and_manifest(first_run, tmp_path):
