@@ -134,17 +134,18 @@ class FaceRestorer:
             return out
         matrices = similarity(np.asarray(landmarks)[todo], self.template).to(torch.float32)
         for start in range(0, len(todo), self.batch_size):
-            batch = todo[start : start + self.batch_size]
-            faces = self._faces(frames[batch], matrices[start : start + len(batch)])
+            batch = [out[i] for i in todo[start : start + self.batch_size]]  # views: blended in place
+            batch_matrices = matrices[start : start + len(batch)]
+            faces = self._faces(batch, batch_matrices)
             with torch.inference_mode():
                 restored = self.model(faces.to(self.dtype), return_rgb=False)[0].float().clamp(-1, 1)
-            out[batch] = self._blend(frames[batch], restored, matrices[start : start + len(batch)], masks[batch], strength)
+            self._blend(batch, restored, batch_matrices, [masks[i] for i in todo[start : start + len(batch)]], strength)
         return out
 
-    def _faces(self, frames: np.ndarray, matrices: torch.Tensor) -> torch.Tensor:
+    def _faces(self, frames: list[np.ndarray], matrices: torch.Tensor) -> torch.Tensor:
         """Faces aligned to the template (F, 3, size, size) in [-1, 1]: one warp of one region per frame, cut at a
         common size around what each face samples (a small part of the frame), moved to the device together."""
-        h, w = frames.shape[1:3]
+        h, w = frames[0].shape[:2]
         corners = np.array([[0, 0], [self.size, 0], [0, self.size], [self.size, self.size]], np.float32)
         inv = kornia.geometry.transform.invert_affine_transform(matrices).numpy()
         boxes = [_box(corners @ m[:, :2].T + m[:, 2], h, w) for m in inv]
@@ -157,17 +158,18 @@ class FaceRestorer:
         )
         return face / 127.5 - 1
 
-    def _blend(self, frames: np.ndarray, faces: torch.Tensor, matrices: torch.Tensor, masks: np.ndarray,
-               strength: float) -> np.ndarray:
-        """Frames (F, H, W, 3) with the restored faces (F, 3, size, size) warped back and blended in, only where
-        their masks are non-zero. Blended on the faces' device, in one region per frame: only uint8 regions move."""
-        h, w = frames.shape[1:3]
+    def _blend(self, frames: list[np.ndarray], faces: torch.Tensor, matrices: torch.Tensor, masks: list[np.ndarray],
+               strength: float) -> None:
+        """Warp the restored faces (F, 3, size, size) back and blend them into `frames` (H, W, 3) in place, only
+        where their masks are non-zero. Blended on the faces' device, in one region per frame: only uint8 regions
+        move."""
+        h, w = frames[0].shape[:2]
         boxes = []
         for mask in masks:
             rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # the extent, without every pixel
             boxes.append(_box(np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]]), h, w))
         origins, base = _regions(frames, boxes)
-        _, weight = _regions(masks[..., None], boxes)
+        _, weight = _regions([mask[..., None] for mask in masks], boxes)
         rh, rw = base.shape[1:3]
         inv = kornia.geometry.transform.invert_affine_transform(matrices)
         inv[:, :, 2] -= torch.tensor(origins, dtype=torch.float32)
@@ -178,16 +180,14 @@ class FaceRestorer:
         weight = weight.to(faces.device).float() / 255 * back[..., 3:] * strength
         blended = (base + weight * (back[..., :3] - base)).round().clamp(0, 255)
         blended = torch.where(weight > 0, blended, base).to(torch.uint8).cpu().numpy()
-        out = frames.copy()
-        for frame, (x, y), region in zip(out, origins, blended):
+        for frame, (x, y), region in zip(frames, origins, blended):
             frame[y : y + rh, x : x + rw] = region
-        return out
 
 
-def _regions(images: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+def _regions(images: list[np.ndarray], boxes: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Each image's box (y0, y1, x0, x1) cut at the boxes' common size (grown down and right, or moved back where
     the image ends): the cuts' top-left corners (x, y) and the cuts (N, rh, rw, C) in one tensor."""
-    h, w = images.shape[1:3]
+    h, w = images[0].shape[:2]
     rh, rw = max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes)
     origins = [(min(x0, w - rw), min(y0, h - rh)) for y0, _, x0, _ in boxes]
     cuts = np.stack([image[y : y + rh, x : x + rw] for image, (x, y) in zip(images, origins)])
