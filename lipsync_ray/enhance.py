@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import load_mask
-from .faces.align import TEMPLATE_256, FaceAligner, erode
+from .faces.align import TEMPLATE_256, FaceAligner, common_regions, erode
 from .models.gfpgan import get_restorer, load_restorer
 
 # facexlib's FFHQ 512 template: image-left eye, image-right eye, nose tip, image-left and image-right mouth corner
@@ -134,12 +134,13 @@ class FaceRestorer:
             return out
         matrices = similarity(np.asarray(landmarks)[todo], self.template).to(torch.float32)
         for start in range(0, len(todo), self.batch_size):
-            batch = [out[i] for i in todo[start : start + self.batch_size]]  # views: blended in place
-            batch_matrices = matrices[start : start + len(batch)]
+            indices = todo[start : start + self.batch_size]
+            batch = [out[i] for i in indices]  # views: blended in place
+            batch_matrices = matrices[start : start + len(indices)]
             faces = self._faces(batch, batch_matrices)
             with torch.inference_mode():
                 restored = self.model(faces.to(self.dtype), return_rgb=False)[0].float().clamp(-1, 1)
-            self._blend(batch, restored, batch_matrices, [masks[i] for i in todo[start : start + len(batch)]], strength)
+            self._blend(batch, restored, batch_matrices, [masks[i] for i in indices], strength)
         return out
 
     def _faces(self, frames: list[np.ndarray], matrices: torch.Tensor) -> torch.Tensor:
@@ -185,10 +186,8 @@ class FaceRestorer:
 
 
 def _regions(images: list[np.ndarray], boxes: list[tuple[int, int, int, int]]) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """Each image's box (y0, y1, x0, x1) cut at the boxes' common size (grown down and right, or moved back where
-    the image ends): the cuts' top-left corners (x, y) and the cuts (N, rh, rw, C) in one tensor."""
-    h, w = images[0].shape[:2]
-    rh, rw = max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes)
-    origins = [(min(x0, w - rw), min(y0, h - rh)) for y0, _, x0, _ in boxes]
-    cuts = np.stack([image[y : y + rh, x : x + rw] for image, (x, y) in zip(images, origins)])
-    return origins, torch.from_numpy(cuts)
+    """Each image's box (y0, y1, x0, x1) cut at the boxes' common size (`common_regions`): the cuts' top-left
+    corners (x, y) and the cuts (N, rh, rw, C) in one tensor."""
+    corners, rh, rw = common_regions(boxes, *images[0].shape[:2])
+    cuts = np.stack([image[y : y + rh, x : x + rw] for image, (y, x) in zip(images, corners)])
+    return [(x, y) for y, x in corners], torch.from_numpy(cuts)

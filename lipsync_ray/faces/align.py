@@ -151,9 +151,7 @@ class FaceAligner:
             return out if weights is None else (out, np.zeros(out.shape[:3], np.uint8))
         h, w = out.shape[1:3]
         inv = kornia.geometry.transform.invert_affine_transform(matrices.to(torch.float32).cpu())
-        regions = [self._face_region(m, h, w) for m in inv]
-        rh, rw = max(y1 - y0 for y0, y1, _, _ in regions), max(x1 - x0 for _, _, x0, x1 in regions)
-        corners = [(min(y0, h - rh), min(x0, w - rw)) for y0, _, x0, _ in regions]  # grown down / right, or back
+        corners, rh, rw = common_regions([self._face_region(m, h, w) for m in inv], h, w)
         local = inv.clone()
         local[:, 1, 2] -= torch.tensor([float(y) for y, _ in corners])
         local[:, 0, 2] -= torch.tensor([float(x) for _, x in corners])
@@ -199,6 +197,13 @@ class FaceAligner:
         if face.shape[1] > 3:  # `restore`'s weights: blended as the face is, into blank frames
             out = torch.cat([out, soft * (mask * face[:, 3:])], 1)
         return out.permute(0, 2, 3, 1).to(torch.uint8).cpu()
+
+
+def common_regions(boxes: list[tuple[int, int, int, int]], h: int, w: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Boxes (y0, y1, x0, x1) of h x w frames grown to their common size, down and right or moved back where the
+    frame ends, so that a batch's regions stack: their top-left corners (y, x) and the size (rh, rw)."""
+    rh, rw = max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes)
+    return [(min(y0, h - rh), min(x0, w - rw)) for y0, _, x0, _ in boxes], rh, rw
 
 
 def erode(x: torch.Tensor, k: int) -> torch.Tensor:
