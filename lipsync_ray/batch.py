@@ -387,12 +387,13 @@ def run_batch(
         context = ray.data.DataContext.get_current()
         options = context.execution_options
         block_size, context.target_max_block_size = context.target_max_block_size, 1
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)  # when the job starts
         # Compose tasks run beside the Ray Data stages: a CPU per GPU is kept from the Prepare pool's growth for them
         excluded, options.exclude_resources = options.exclude_resources, options.exclude_resources.add(
-            ray.data.ExecutionResources(cpu=max(1, ray.cluster_resources().get("GPU", 0)))
+            ray.data.ExecutionResources(cpu=max(1, cluster_gpus))
         )
         try:
-            _run_pipeline(job, todo, driver, ray)
+            _run_pipeline(job, todo, driver, ray, cluster_gpus)
         finally:
             context.target_max_block_size, options.exclude_resources = block_size, excluded
     order = {r.id: i for i, r in enumerate(rows)}
@@ -445,16 +446,17 @@ class Pools:
         return cls((low, high or max(low, PREPARE_PER_GPU * gpus)), generate, prefetch if generate[0] == generate[1] else 2 * prefetch)
 
 
-def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray) -> None:
-    """Ray Data rows carry a video's id; every stage gets the job and the catalog rows once, as objects."""
+def _run_pipeline(job: BatchConfig, todo: list[CatalogRow], driver: _Driver, ray, cluster_gpus: float) -> None:
+    """Ray Data rows carry a video's id; every stage gets the job and the catalog rows once, as objects.
+    `cluster_gpus`: the GPUs the cluster has when the job starts."""
     from ray.data import ActorPoolStrategy
 
-    gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    gpu = job.gpu if job.gpu is not None else cluster_gpus > 0
     restoring = any(_restores(job, row) for row in todo)
     shared = {"job": job, "rows": {r.id: r for r in todo}}
     ds = ray.data.from_items([{"id": r.id} for r in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(plan_runs, fn_kwargs=shared, num_cpus=0.5)
-    pools = Pools.of(job, int(ray.cluster_resources().get("GPU", 0)), gpu)
+    pools = Pools.of(job, int(cluster_gpus), gpu)
     ds = ds.map_batches(
         PrepareActor, fn_constructor_kwargs=shared, batch_size=1, **ray_resources(Prepare),
         memory=job.prepare_memory_gb * 2**30, compute=ActorPoolStrategy(min_size=pools.prepare[0], max_size=pools.prepare[1]),
