@@ -105,13 +105,16 @@ def _listing(out: Path) -> list[str]:
 
 @pytest.mark.parametrize("actor", ["GenerateActor", "PrepareActor"])
 def test_a_killed_actor_loses_nothing(ray_local, media, reference, actor, tmp_path):
-    """SIGKILL to the job's only Generate (or Prepare) actor once the driver has a generated chunk: the actor is
-    restarted, its calls retried, and every video ends ok with the frames of an undisturbed run."""
+    """SIGKILL to the job's only Generate actor once the driver has a generated chunk (or to its only Prepare actor
+    during one of its calls): the actor is restarted, its calls retried, and every video ends ok with the frames of
+    an undisturbed run."""
     out = tmp_path / "out"
     heard = []  # chunk rows as they leave the GPU stage: a staged chunk may be redone if its call had not returned
+    # Prepare may finish every run before the first chunk leaves Generate, and its actor is gone then
+    due = (lambda: heard) if actor == "GenerateActor" else (lambda: _pids(f"{actor})).submit"))
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(run_batch, _job(media, out), on_chunk=heard.append)
-        _wait(lambda: heard or job.done(), what="a generated chunk")
+        _wait(lambda: due() or job.done(), what=f"{actor}'s moment")
         _wait(lambda: _pids(actor) or job.done(), what=actor)
         assert not job.done() and not (out / "two.mp4").exists(), "the job finished before the kill"
         (pid,) = _pids(actor)
